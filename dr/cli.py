@@ -1,0 +1,320 @@
+"""`dr`: the command line. Each command parses, runs one flow, and prints the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional
+
+import typer
+
+from dr import output
+from dr.config import ENVIRONMENTS, DrConfig, find_config_path, load_config
+from dr.errors import DrError
+
+app = typer.Typer(help="Disaster recovery for PostgreSQL services: the runbook as tracked, retryable flows.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+local_app = typer.Typer(help="The embedded local platform (real PostgreSQL, store, app).", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+maint_app = typer.Typer(help="Maintenance page on/off.", no_args_is_help=True)
+app.add_typer(local_app, name="local")
+app.add_typer(config_app, name="config")
+app.add_typer(maint_app, name="maintenance")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Configuration file (default $DR_CONFIG or ./dr.toml).")
+ServiceOpt = typer.Option(None, "--service", "-s", help="Service short name (default: the only one configured).")
+EnvOpt = typer.Option(None, "--env", "-e", help=f"Environment: {', '.join(ENVIRONMENTS)} (default: the only one).")
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command body; a `DrError` becomes one clear line and its exit code."""
+    from dr.commands import install_redaction
+
+    install_redaction()
+    try:
+        return fn()
+    except DrError as exc:
+        output.error(str(exc))
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        raise typer.Exit(130)
+
+
+def _pick(cfg: DrConfig, service: Optional[str], env: Optional[str]) -> tuple[str, str]:
+    from dr.errors import ConfigError
+
+    if service is None:
+        if len(cfg.services) != 1:
+            raise ConfigError(f"several services are configured ({', '.join(cfg.services)}); choose one with --service")
+        service = next(iter(cfg.services))
+    if env is None:
+        envs = cfg.services[service].environments if service in cfg.services else {}
+        if len(envs) != 1:
+            raise ConfigError(f"choose an environment with --env ({', '.join(envs) or 'none configured'})")
+        env = next(iter(envs))
+    cfg.target(service, env)  # unknown names fail here, before anything is touched
+    return service, env
+
+
+def _ctx(config: Optional[str], service: Optional[str], env: Optional[str]) -> tuple[DrConfig, str, str, Optional[str]]:
+    cfg = load_config(config)
+    s, e = _pick(cfg, service, env)
+    path = find_config_path(config)
+    return cfg, s, e, (str(path.absolute()) if path else None)
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(config: Optional[str] = ConfigOpt) -> None:
+    """Validate the configuration and print every resolved value and where it came from."""
+
+    def body() -> None:
+        cfg = load_config(config)
+        output.say(f"configuration: {cfg.source} (valid)")
+        output.say(f"prefix {cfg.prefix}, timezone {cfg.timezone}, local state {cfg.local.state_dir.absolute()}")
+        for t in cfg.targets():
+            output.say(f"\n{t.service} / {t.environment} ({t.env_short}){'  PRODUCTION' if t.production else ''}")
+            rows = []
+            for k, v in t.model_dump(exclude={"checks", "retention"}).items():
+                src = t.sources.get(k, "derived")
+                rows.append((k, "" if v is None else v, src))
+            rows.append(("checks", ", ".join(c.kind + (f":{getattr(c, 'table', '')}" if hasattr(c, "table") else "")
+                                             for c in t.checks), t.sources.get("checks", "default")))
+            rows.append(("retention", f"{t.retention.daily}d/{t.retention.weekly}w/{t.retention.monthly}m",
+                         t.sources.get("retention", "default")))
+            output.table(rows, ["setting", "value", "from"])
+        n = cfg.notifications
+        for name, var in (("slack webhook", n.slack_webhook_env), ("teams webhook", n.teams_webhook_env)):
+            if var:
+                output.say(f"{name}: from ${var} ({'set, redacted' if os.environ.get(var) else 'NOT SET'})")
+
+    _run(body)
+
+
+# --- local platform -----------------------------------------------------------------------
+
+
+@local_app.command("up")
+def local_up(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt, size: str = typer.Option(
+        "small", help="Sample data size: small, or e.g. 100mb, 1gb."), config: Optional[str] = ConfigOpt) -> None:
+    """Start (or create) the live server with sample data, WAL archiving, and the app."""
+
+    def body() -> None:
+        from dr.platforms.local import lifecycle
+
+        cfg, s, e, _ = _ctx(config, service, env)
+        st = lifecycle.up(cfg, cfg.target(s, e), size)
+        _print_status(st)
+
+    _run(body)
+
+
+@local_app.command("status")
+def local_status(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt, config: Optional[str] = ConfigOpt) -> None:
+    """Show where the local servers, store and app run."""
+
+    def body() -> None:
+        from dr.platforms.local import lifecycle
+
+        cfg, s, e, _ = _ctx(config, service, env)
+        _print_status(lifecycle.status(cfg, cfg.target(s, e)))
+
+    _run(body)
+
+
+@local_app.command("down")
+def local_down(purge: bool = typer.Option(False, help="Also delete every server, backup and archive."),
+               config: Optional[str] = ConfigOpt) -> None:
+    """Stop every local server and app (with --purge, delete the state directory)."""
+
+    def body() -> None:
+        from dr.platforms.local import lifecycle
+
+        for line in lifecycle.down(load_config(config), purge):
+            output.say(f"stopped {line}" if not line.startswith("purged") else line)
+
+    _run(body)
+
+
+def _print_status(st: Any) -> None:
+    srv = st.server
+    output.say(f"server    {srv['name']} {srv['state']} PostgreSQL {srv['version']} at {srv['host']}:{srv['port']}"
+               if srv else "server    (none)")
+    output.say(f"database  {st.database}: " + (", ".join(f"{k.split('.')[-1]}={v}" for k, v in st.tables.items()) or "(unreachable)"))
+    output.say(f"archive   {st.wal_segments} WAL segments, {st.base_backups} base backup(s)")
+    output.say(f"store     {st.store} ({st.backups} backups)")
+    if st.app:
+        output.say(f"app       {st.app['main_url']}  maintenance={'on' if st.app['maintenance'] else 'off'}  "
+                   f"replicas={st.app['replicas']}" + (f"  temp={st.app['temp_url']}" if st.app['temp_url'] else ""))
+    if st.dropped:
+        output.say(f"dropped   {', '.join(st.dropped)}")
+
+
+# --- building blocks ---------------------------------------------------------------------
+
+
+@app.command("backup")
+def backup_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+               kind: str = typer.Option("adhoc", help="adhoc, nightly, pre-restore-safety, ptr, drill"),
+               fmt: str = typer.Option("custom", "--format", help="custom (parallel restore) or plain-gzip (.sql.gz)"),
+               server: Optional[str] = typer.Option(None, help="Back up this server (e.g. a PTR server)."),
+               database: Optional[str] = typer.Option(None, help="Back up this database."),
+               label: Optional[str] = typer.Option(None, help="Extra tag, e.g. an incident id."),
+               config: Optional[str] = ConfigOpt) -> None:
+    """Back up a database into the store (streamed, checksummed, with a row-count manifest)."""
+
+    def body() -> None:
+        from flows.backup import backup_database
+
+        _, s, e, path = _ctx(config, service, env)
+        r = backup_database(s, e, kind=kind, backup_format=fmt, server=server, database=database, label=label,
+                            config_path=path)
+        output.kv({"backup": r["name"], "size": f"{r['size']} bytes", "rows": r["rows"], "sha256": r["sha256"],
+                   "took": f"{r['seconds']:.1f} s"})
+
+    _run(body)
+
+
+@app.command("restore")
+def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+                backup: Optional[str] = typer.Option(None, help="Backup name (default: newest complete)."),
+                server: Optional[str] = typer.Option(None), database: Optional[str] = typer.Option(None),
+                jobs: int = typer.Option(2, help="Parallel restore jobs (custom format)."),
+                no_safety_backup: bool = typer.Option(False, help="Skip the backup of the live database taken first."),
+                config: Optional[str] = ConfigOpt) -> None:
+    """Restore a backup into the live database: new database, verify, atomic swap."""
+
+    def body() -> None:
+        from flows.restore import restore_database
+
+        _, s, e, path = _ctx(config, service, env)
+        r = restore_database(s, e, backup=backup, server=server, database=database, jobs=jobs,
+                             safety_backup=not no_safety_backup, config_path=path)
+        output.kv({"restored": r["backup"], "into": r["database"], "previous database kept as": r["replaced_database"],
+                   "safety backup": r["safety_backup"], "manifest verified": r["verified_manifest"],
+                   "took": f"{r['seconds']:.1f} s"})
+
+    _run(body)
+
+
+@app.command("ptr")
+def ptr_cmd(time: str = typer.Option(..., "--time", "-t", help="Restore time in UK time, e.g. '2026-07-01 14:30', or with an offset."),
+            service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+            tz: Optional[str] = typer.Option(None, "--timezone", help="Zone of --time (default Europe/London)."),
+            incident: Optional[str] = typer.Option(None), config: Optional[str] = ConfigOpt) -> None:
+    """Point-in-time restore of the live server onto a NEW server."""
+
+    def body() -> None:
+        from flows.ptr import point_in_time_restore
+
+        _, s, e, path = _ctx(config, service, env)
+        r = point_in_time_restore(s, e, restore_time=time, timezone_name=tz, incident=incident, config_path=path)
+        output.kv({"new server": r["server"], "at": f"{r['host']}:{r['port']}", "restored to": r["point_in_time_local"]})
+
+    _run(body)
+
+
+@maint_app.command("on")
+def maintenance_on_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+                       stop_app: bool = typer.Option(False, help="Also stop web and workers (counts recorded)."),
+                       config: Optional[str] = ConfigOpt) -> None:
+    """Show users the maintenance page."""
+
+    def body() -> None:
+        from flows.maintenance import maintenance_on
+
+        _, s, e, path = _ctx(config, service, env)
+        r = maintenance_on(s, e, stop_app=stop_app, config_path=path)
+        output.kv({"maintenance": "already on" if r["already_on"] else "on", "users see": r["main_url"],
+                   "temporary URL": r["temp_url"], "recorded replicas": r["recorded_replicas"]})
+
+    _run(body)
+
+
+@maint_app.command("off")
+def maintenance_off_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+                        config: Optional[str] = ConfigOpt) -> None:
+    """Send users back to the app (replicas restored, healthcheck awaited)."""
+
+    def body() -> None:
+        from flows.maintenance import maintenance_off
+
+        _, s, e, path = _ctx(config, service, env)
+        r = maintenance_off(s, e, config_path=path)
+        output.kv({"maintenance": "off" if r["was_on"] else "was not on", "app": r["main_url"],
+                   "replicas": r["replicas"], "healthcheck": r["healthcheck"]})
+
+    _run(body)
+
+
+@app.command("validate")
+def validate_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+                 server: Optional[str] = typer.Option(None), database: Optional[str] = typer.Option(None),
+                 config: Optional[str] = ConfigOpt) -> None:
+    """Run the environment's service checks."""
+
+    def body() -> None:
+        from flows.validate import validate_service
+
+        _, s, e, path = _ctx(config, service, env)
+        rows = validate_service(s, e, server=server, database=database, config_path=path)
+        output.table([(r["name"], r["expected"], r["actual"], "PASS" if r["passed"] else "FAIL") for r in rows],
+                     ["check", "expected", "actual", "result"])
+
+    _run(body)
+
+
+@app.command("tidy-up")
+def tidy_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+             older_than_hours: float = typer.Option(0.0), dry_run: Optional[bool] = typer.Option(
+                 None, "--dry-run/--no-dry-run", help="Default: dry run in production."),
+             incident: Optional[str] = typer.Option(None), config: Optional[str] = ConfigOpt) -> None:
+    """Delete PTR servers and replaced databases this tool created."""
+
+    def body() -> None:
+        from flows.tidy_up import tidy_up
+
+        _, s, e, path = _ctx(config, service, env)
+        r = tidy_up(s, e, older_than_hours=older_than_hours, dry_run=dry_run, incident=incident, config_path=path)
+        output.table([(f["kind"], f["name"], "deleted" if f["name"] in r["deleted"] else
+                       ("would delete" if r["dry_run"] and f["deletable"] else "kept"), f["reason"]) for f in r["found"]],
+                     ["kind", "name", "action", "reason"])
+
+    _run(body)
+
+
+@app.command("backups")
+def backups_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt, config: Optional[str] = ConfigOpt) -> None:
+    """List the backup store, newest first, with age against the RPO objective."""
+
+    def body() -> None:
+        from datetime import datetime, timezone
+
+        from dr.runtime import runtime
+
+        cfg, s, e, path = _ctx(config, service, env)
+        rt = runtime(s, e, path)
+        now = datetime.now(timezone.utc)
+        rows = []
+        for b in rt.store.list_backups():
+            at = b.finished_at or b.created_at
+            age_h = (now - at).total_seconds() / 3600
+            rows.append((b.name, b.kind, b.format, b.size, f"{age_h:.1f} h", "yes" if b.complete else "NO",
+                         "over RPO" if age_h * 60 > rt.target.rpo_minutes else ""))
+        output.table(rows, ["name", "kind", "format", "bytes", "age", "complete", ""])
+
+    _run(body)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("DR_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    app(prog_name="dr")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

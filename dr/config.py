@@ -1,0 +1,380 @@
+"""Typed configuration: services, environments, platform, retention, validation checks.
+
+One TOML file (`dr.toml`) describes every service and environment. Names not given are
+derived from the naming conventions of the existing tooling:
+
+- server: ``<prefix>-<service>-<env short>-pg``
+- database: ``<service>_<environment>``
+- storage account: ``<prefix><service>dbbkp<env short>sa``, container ``database-backup``
+- nightly backup: ``<service>_<env short>_<YYYY-MM-DD>.sql.gz``
+
+Bad configuration fails at load with a `ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dr.errors import ConfigError
+
+ENVIRONMENTS: dict[str, str] = {
+    "development": "dv",
+    "test": "ts",
+    "qa": "qa",
+    "review": "rv",
+    "preproduction": "pp",
+    "production": "pd",
+}
+
+SERVER_NAME = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+DATABASE_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
+SERVICE_NAME = r"^[a-z][a-z0-9]{1,19}$"
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
+DEFAULT_CONFIG_NAME = "dr.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- validation checks ----------------------------------------------------------------
+
+
+class HealthcheckCheck(_Strict):
+    """The app's healthcheck URL answers 200."""
+
+    kind: Literal["healthcheck"]
+    required: bool = True
+
+
+class RowCountCheck(_Strict):
+    """A table holds between `min` and `max` rows."""
+
+    kind: Literal["row_count"]
+    table: str = Field(pattern=IDENTIFIER)
+    min: int = Field(default=1, ge=0)
+    max: int | None = Field(default=None, ge=0)
+    required: bool = True
+
+
+class LatestRecordCheck(_Strict):
+    """The newest value of a timestamp column is younger than `max_age_hours`."""
+
+    kind: Literal["latest_record"]
+    table: str = Field(pattern=IDENTIFIER)
+    column: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    max_age_hours: float = Field(gt=0)
+    required: bool = True
+
+
+class QueryCheck(_Strict):
+    """A read-only SQL query returns the expected single value (compared as text)."""
+
+    kind: Literal["query"]
+    name: str = Field(min_length=1, max_length=80)
+    sql: str = Field(min_length=1)
+    expect: str
+    required: bool = True
+
+
+Check = Annotated[
+    Union[HealthcheckCheck, RowCountCheck, LatestRecordCheck, QueryCheck], Field(discriminator="kind")
+]
+
+
+class Retention(_Strict):
+    """How many nightly backups to keep, by age bucket."""
+
+    daily: int = Field(default=7, ge=1)
+    weekly: int = Field(default=4, ge=0)
+    monthly: int = Field(default=6, ge=0)
+
+
+# --- environments and services -----------------------------------------------------------
+
+
+class Environment(_Strict):
+    """One environment of one service; unset names follow the naming conventions."""
+
+    platform: Literal["local", "azure"] = "local"
+    app: Literal["local", "kubernetes"] = "local"
+    production: bool | None = None
+    server: str | None = Field(default=None, pattern=SERVER_NAME)
+    database: str | None = Field(default=None, pattern=DATABASE_NAME)
+    admin_user: str = Field(default="dradmin", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # Azure
+    subscription_id: str | None = None
+    resource_group: str | None = Field(default=None, pattern=r"^[-\w._()]{1,90}$")
+    storage_account: str | None = Field(default=None, pattern=r"^[a-z0-9]{3,24}$")
+    container: str = Field(default="database-backup", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+    # Kubernetes
+    namespace: str | None = None
+    web_deployment: str | None = None
+    worker_deployment: str | None = None
+    healthcheck_url: str | None = None
+    # Behaviour
+    checks: list[Check] = Field(default_factory=lambda: [HealthcheckCheck(kind="healthcheck")])
+    retention: Retention = Field(default_factory=Retention)
+    rpo_minutes: int = Field(default=26 * 60, gt=0)
+    rto_minutes: int = Field(default=120, gt=0)
+    approval_timeout_minutes: int = Field(default=8 * 60, gt=0)
+
+    @field_validator("subscription_id")
+    @classmethod
+    def _uuid(cls, v: str | None) -> str | None:
+        import uuid
+
+        if v is not None:
+            try:
+                uuid.UUID(v)
+            except ValueError:
+                raise ValueError("must be a subscription UUID like 00000000-0000-0000-0000-000000000000")
+        return v
+
+
+class Service(_Strict):
+    environments: dict[str, Environment] = Field(min_length=1)
+
+    @field_validator("environments")
+    @classmethod
+    def _known_envs(cls, v: dict[str, Environment]) -> dict[str, Environment]:
+        for name in v:
+            if name not in ENVIRONMENTS:
+                raise ValueError(
+                    f"unknown environment '{name}'; accepted: {', '.join(ENVIRONMENTS)}"
+                )
+        return v
+
+
+class LocalSettings(_Strict):
+    """Settings of the embedded local platform."""
+
+    state_dir: Path = Path(".dr-local")
+    pg_bin_dir: Path | None = None
+    dropped_retention_days: int = Field(default=5, ge=0)
+    archive_timeout_seconds: int = Field(default=60, ge=1)
+
+
+class Notifications(_Strict):
+    """Where incident messages go. Webhook URLs are read from environment variables."""
+
+    slack_webhook_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    teams_webhook_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+
+class DrConfig(_Strict):
+    """The whole configuration file."""
+
+    prefix: str = Field(default="s189", pattern=r"^[a-z][a-z0-9]{0,9}$")
+    timezone: str = "Europe/London"
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    notifications: Notifications = Field(default_factory=Notifications)
+    services: dict[str, Service] = Field(min_length=1)
+
+    # where it was loaded from; not part of the file
+    source: str = Field(default="<built-in>", exclude=True)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone '{v}'; use an IANA name such as Europe/London")
+        return v
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, v: dict[str, Service]) -> dict[str, Service]:
+        import re
+
+        for name in v:
+            if not re.match(SERVICE_NAME, name):
+                raise ValueError(
+                    f"service name '{name}' must be 2-20 lowercase letters or digits, starting with a letter"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> "DrConfig":
+        for sname, service in self.services.items():
+            for ename in service.environments:
+                t = self._build_target(sname, ename)
+                if t.platform == "azure" and not (t.subscription_id and t.resource_group):
+                    raise ValueError(
+                        f"services.{sname}.environments.{ename}: platform 'azure' needs subscription_id and resource_group"
+                    )
+                if t.app == "kubernetes" and not (t.namespace and t.web_deployment):
+                    raise ValueError(
+                        f"services.{sname}.environments.{ename}: app 'kubernetes' needs namespace and web_deployment"
+                    )
+        return self
+
+    # --- resolution ---------------------------------------------------------------------
+
+    def target(self, service: str, environment: str) -> "Target":
+        """The fully resolved names and settings of one service environment.
+
+        Raises:
+            ConfigError: the service or environment is not in the configuration.
+        """
+        if service not in self.services:
+            raise ConfigError(
+                f"unknown service '{service}'; configured: {', '.join(sorted(self.services))}",
+                field="service",
+                source=self.source,
+            )
+        envs = self.services[service].environments
+        if environment not in envs:
+            raise ConfigError(
+                f"unknown environment '{environment}' for service '{service}'; configured: {', '.join(envs)}",
+                field="environment",
+                source=self.source,
+            )
+        return self._build_target(service, environment)
+
+    def targets(self) -> list["Target"]:
+        return [self._build_target(s, e) for s, svc in self.services.items() for e in svc.environments]
+
+    def _build_target(self, service: str, environment: str) -> "Target":
+        env = self.services[service].environments[environment]
+        short = ENVIRONMENTS[environment]
+        values: dict[str, Any] = env.model_dump()
+        sources = {k: ("file" if k in env.model_fields_set else "default") for k in values}
+        values["server"] = env.server or f"{self.prefix}-{service}-{short}-pg"
+        values["database"] = env.database or f"{service}_{environment}"
+        values["storage_account"] = env.storage_account or f"{self.prefix}{service}dbbkp{short}sa"[:24]
+        values["production"] = env.production if env.production is not None else environment == "production"
+        return Target(
+            service=service,
+            environment=environment,
+            env_short=short,
+            timezone=self.timezone,
+            sources=sources,
+            **{k: v for k, v in values.items() if k not in ("checks", "retention")},
+            checks=env.checks,
+            retention=env.retention,
+        )
+
+
+class Target(BaseModel):
+    """A resolved service environment: every name the flows need, no defaults left."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    environment: str
+    env_short: str
+    timezone: str
+    platform: Literal["local", "azure"]
+    app: Literal["local", "kubernetes"]
+    production: bool
+    server: str
+    database: str
+    admin_user: str
+    subscription_id: str | None
+    resource_group: str | None
+    storage_account: str
+    container: str
+    namespace: str | None
+    web_deployment: str | None
+    worker_deployment: str | None
+    healthcheck_url: str | None
+    checks: list[Check]
+    retention: Retention
+    rpo_minutes: int
+    rto_minutes: int
+    approval_timeout_minutes: int
+    sources: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @property
+    def key(self) -> str:
+        """`<service>-<env short>`: the unit of concurrency and the prefix of names."""
+        return f"{self.service}-{self.env_short}"
+
+    def nightly_backup_name(self, day: "Any") -> str:
+        """Name of the nightly backup for a date, as the existing tooling writes it."""
+        return f"{self.service}_{self.env_short}_{day:%Y-%m-%d}.sql.gz"
+
+
+BUILTIN_CONFIG = """
+prefix = "s189"
+timezone = "Europe/London"
+
+[services.apply.environments.development]
+platform = "local"
+checks = [
+  { kind = "healthcheck" },
+  { kind = "row_count", table = "candidates", min = 1 },
+  { kind = "row_count", table = "applications", min = 1 },
+]
+"""
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif part in ("healthcheck", "row_count", "latest_record", "query"):
+            continue  # discriminator tags pydantic adds to the path
+        else:
+            out.append(("." if out else "") + str(part))
+    return "".join(out)
+
+
+def parse_config(text: str, source: str = "<string>") -> DrConfig:
+    """Parse and validate configuration text.
+
+    Raises:
+        ConfigError: the text is not TOML, or a field is missing, unknown or invalid;
+            the message names the file and the field.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=source) from exc
+    try:
+        return DrConfig.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        field = _format_loc(first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README for the accepted keys)"
+        elif first["type"] == "missing":
+            msg = "required field is missing"
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(msg + more, field=field or None, source=source) from exc
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to use: the explicit path, `$DR_CONFIG`, or `./dr.toml`."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("DR_CONFIG")
+    if env:
+        return Path(env)
+    here = Path.cwd() / DEFAULT_CONFIG_NAME
+    return here if here.exists() else None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> DrConfig:
+    """Load the configuration; without any file, the built-in local demo configuration.
+
+    Raises:
+        ConfigError: the file is missing or invalid.
+    """
+    found = find_config_path(path)
+    if found is None:
+        return parse_config(BUILTIN_CONFIG, "<built-in>")
+    if not found.exists():
+        raise ConfigError("configuration file not found", source=str(found))
+    return parse_config(found.read_text(encoding="utf-8"), str(found))

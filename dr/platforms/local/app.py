@@ -1,0 +1,194 @@
+"""`AppControl` for the local stand-in app: processes for replicas, a flag for maintenance.
+
+`apps/<key>/app.json` is the single record of the app: ports, the desired replica
+counts, the counts recorded before a scale-down (so they are restored exactly), and
+the maintenance flag. Every change is written there first and then applied, so a
+crash between the two is repaired by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dr.errors import InvalidInput, OperationTimedOut, PlatformError
+from dr.platforms.base import AppControl, AppStatus
+from dr.platforms.local.servers import free_port
+
+ROLES = ("web", "worker")
+
+
+class LocalApp(AppControl):
+    """The local app of one service environment."""
+
+    def __init__(self, state_dir: Path, key: str, *, server: str, database: str):
+        self.state_dir = Path(state_dir).absolute()
+        self.key = key
+        self.dir = self.state_dir / "apps" / key
+        self.json = self.dir / "app.json"
+        self.server, self.database = server, database
+
+    # --- record ---------------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        if not self.json.exists():
+            raise PlatformError(f"the local app '{self.key}' is not set up; run: dr local up")
+        return json.loads(self.json.read_text())
+
+    def _save(self, app: dict[str, Any]) -> None:
+        tmp = self.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(app, indent=2))
+        os.replace(tmp, self.json)
+
+    # --- processes -------------------------------------------------------------------
+
+    def _alive(self, pid: int | None, role: str) -> bool:
+        if not pid:
+            return False
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"dr.platforms.local.webapp" in cmd and role.encode() in cmd and self.key.encode() in cmd
+
+    def _spawn(self, role: str) -> int:
+        log = open(self.dir / f"{role}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dr.platforms.local.webapp", role, "--state-dir", str(self.state_dir), "--key", self.key],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        return proc.pid
+
+    def _kill(self, pid: int | None, role: str) -> None:
+        if not self._alive(pid, role):
+            return
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while self._alive(pid, role) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        if self._alive(pid, role):
+            os.kill(pid, signal.SIGKILL)
+
+    def _wait_http(self, port: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise OperationTimedOut(f"local app '{self.key}' did not answer on port {port} within {timeout:.0f} s; "
+                                f"see {self.dir}/*.log")
+
+    def _apply(self, app: dict[str, Any]) -> None:
+        """Make the running processes match the record."""
+        pids = app.setdefault("pids", {})
+        if not self._alive(pids.get("router"), "router"):
+            pids["router"] = self._spawn("router")
+            self._save(app)
+            self._wait_http(app["main_port"])
+        for role in ROLES:
+            want = app["replicas"][role]
+            running = self._alive(pids.get(role), role)
+            if want and not running:
+                pids[role] = self._spawn(role)
+            elif not want and running:
+                self._kill(pids.get(role), role)
+                pids[role] = None
+        self._save(app)
+        if app["replicas"]["web"]:
+            self._wait_http(app["web_port"])
+
+    # --- lifecycle used by `dr local up/down` ------------------------------------------
+
+    def up(self) -> AppStatus:
+        """Create the app record if needed and start its processes (idempotent)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.json.exists():
+            self._save({
+                "server": self.server, "database": self.database,
+                "main_port": free_port(), "temp_port": free_port(), "web_port": free_port(),
+                "replicas": {"web": 1, "worker": 1}, "replicas_before": None, "maintenance": False, "pids": {},
+            })
+        self._apply(self._load())
+        return self.get_status()
+
+    def down(self) -> None:
+        """Stop every process of the app; the record stays."""
+        if not self.json.exists():
+            return
+        app = self._load()
+        for role in ("router", *ROLES):
+            self._kill(app.get("pids", {}).get(role), role)
+        app["pids"] = {}
+        self._save(app)
+
+    # --- AppControl -----------------------------------------------------------------
+
+    def get_status(self) -> AppStatus:
+        app = self._load()
+        pids = app.get("pids", {})
+        running = {r: (1 if self._alive(pids.get(r), r) else 0) for r in ROLES}
+        return AppStatus(
+            maintenance=bool(app["maintenance"]), replicas=running, recorded_replicas=app.get("replicas_before"),
+            main_url=f"http://127.0.0.1:{app['main_port']}",
+            temp_url=f"http://127.0.0.1:{app['temp_port']}" if app["maintenance"] else None,
+        )
+
+    def scale(self, replicas: dict[str, int]) -> None:
+        for role, n in replicas.items():
+            if role not in ROLES or n not in (0, 1):
+                raise InvalidInput(f"the local app runs 0 or 1 replica of web and worker; got {role}={n}")
+        app = self._load()
+        app["replicas"].update(replicas)
+        self._save(app)
+        self._apply(app)
+
+    def scale_down(self) -> dict[str, int]:
+        app = self._load()
+        if app.get("replicas_before") is None:
+            app["replicas_before"] = dict(app["replicas"])
+            self._save(app)  # recorded before anything is stopped
+        self.scale({r: 0 for r in ROLES})
+        return dict(app["replicas_before"])
+
+    def scale_up(self) -> dict[str, int]:
+        app = self._load()
+        before = app.get("replicas_before")
+        if before is None:
+            self._apply(app)
+            return dict(app["replicas"])
+        self.scale(before)
+        app = self._load()
+        app["replicas_before"] = None
+        self._save(app)
+        return dict(before)
+
+    def enable_maintenance(self) -> AppStatus:
+        app = self._load()
+        if not app["maintenance"]:
+            app["maintenance"] = True
+            self._save(app)
+        self._apply(app)
+        return self.get_status()
+
+    def disable_maintenance(self) -> AppStatus:
+        app = self._load()
+        if app["maintenance"]:
+            app["maintenance"] = False
+            self._save(app)
+        self._apply(app)
+        return self.get_status()

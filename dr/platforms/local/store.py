@@ -1,0 +1,188 @@
+"""Backups in a local directory, laid out like the Azure container they stand in for.
+
+Each backup is a file `<name>` and a sidecar `<name>.meta.json`. An upload is staged in
+a hidden temporary file, fsynced, then linked into place with `os.link`, which fails if
+the name exists, so nothing is ever overwritten, even by two writers racing. The
+sidecar says `"complete": true` only once the data is in place; a crash in between
+leaves a backup listed as incomplete, never as complete. A file without a sidecar was
+put there by other tooling (e.g. an existing nightly `.sql.gz`) and is listed as such.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dr.errors import BackupCorrupted, BackupError, BackupExists, BackupNotFound, InvalidInput
+from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter
+
+META_SUFFIX = ".meta.json"
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$"
+
+
+def check_backup_name(name: str) -> str:
+    """Refuse names that could escape the store or confuse a shell."""
+    import re
+
+    if not re.match(NAME_RE, name) or ".." in name or name.endswith(META_SUFFIX):
+        raise InvalidInput(f"invalid backup name {name!r}: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _LocalWriter(BackupWriter):
+    def __init__(self, store: "LocalBackupStore", name: str):
+        self.store, self.name = store, name
+        self.tmp = store.root / f".{name}.{uuid.uuid4().hex}.partial"
+        self.fh = open(self.tmp, "xb")
+        self.hash = hashlib.sha256()
+        self.bytes_written = 0
+        self.committed = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.fh.write(data)
+        except OSError as exc:
+            self.abort()
+            if exc.errno == errno.ENOSPC:
+                raise BackupError(f"the backup store {self.store.root} is full; '{self.name}' was not saved",
+                                  backup=self.name) from exc
+            raise
+        self.hash.update(data)
+        self.bytes_written += len(data)
+
+    def commit(self, info: BackupInfo) -> BackupInfo:
+        final = self.store.root / self.name
+        meta = self.store.root / (self.name + META_SUFFIX)
+        try:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            done = replace(info, name=self.name, size=self.bytes_written, sha256=self.hash.hexdigest(), complete=False)
+            try:
+                os.link(self.tmp, final)  # atomic, and refuses an existing name
+            except FileExistsError as exc:
+                raise BackupExists(f"backup '{self.name}' appeared while this one was being written; kept both apart",
+                                   backup=self.name) from exc
+            _write_json_atomic(meta, done.to_json())
+            done = replace(done, complete=True)
+            _write_json_atomic(meta, done.to_json())
+            _fsync_dir(self.store.root)
+        except OSError as exc:
+            self.abort()
+            if exc.errno == errno.ENOSPC:
+                raise BackupError(f"the backup store {self.store.root} is full; '{self.name}' was not saved",
+                                  backup=self.name) from exc
+            raise
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        self.committed = True
+        return done
+
+    def abort(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class _LocalReader(BackupReader):
+    def __init__(self, path: Path, info: BackupInfo):
+        self.info = info
+        self.fh = open(path, "rb")
+        self.hash = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.hash.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def verify(self) -> None:
+        if self.fh.read(1):
+            raise BackupCorrupted(f"backup '{self.info.name}' was not read to the end", backup=self.info.name)
+        if self.info.sha256 is None:
+            return  # not made by us: the format's own checks (gzip CRC, pg_restore) are all there is
+        if self.bytes_read != self.info.size or self.hash.hexdigest() != self.info.sha256:
+            raise BackupCorrupted(
+                f"backup '{self.info.name}' is corrupted: read {self.bytes_read} bytes with sha256 "
+                f"{self.hash.hexdigest()[:16]}…, expected {self.info.size} bytes with {self.info.sha256[:16]}…",
+                backup=self.info.name,
+            )
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class LocalBackupStore(BackupStore):
+    """`BackupStore` in a directory (`<state_dir>/store/<account>/<container>`)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalBackupStore({self.root})"
+
+    def _info(self, name: str) -> BackupInfo:
+        path = self.root / name
+        meta = self.root / (name + META_SUFFIX)
+        if meta.exists():
+            return BackupInfo.from_json(json.loads(meta.read_text()))
+        if path.exists():
+            st = path.stat()
+            fmt = "plain-gzip" if name.endswith(".sql.gz") else "unknown"
+            return BackupInfo(name=name, size=st.st_size, complete=True, kind="unknown", format=fmt,
+                              created_at=datetime.fromtimestamp(st.st_mtime, timezone.utc))
+        raise BackupNotFound(f"no backup named '{name}' in {self.root}", backup=name)
+
+    def list_backups(self) -> list[BackupInfo]:
+        names = {p.name.removesuffix(META_SUFFIX) for p in self.root.iterdir() if not p.name.startswith(".")}
+        infos = [self._info(n) for n in names]
+        return sorted(infos, key=lambda i: i.finished_at or i.created_at, reverse=True)
+
+    def get_backup(self, name: str) -> BackupInfo:
+        check_backup_name(name)
+        return self._info(name)
+
+    def open_writer(self, name: str) -> BackupWriter:
+        check_backup_name(name)
+        if (self.root / name).exists() or (self.root / (name + META_SUFFIX)).exists():
+            raise BackupExists(f"backup '{name}' already exists in {self.root}; backups are never overwritten",
+                               backup=name)
+        return _LocalWriter(self, name)
+
+    def open_reader(self, name: str) -> BackupReader:
+        info = self.get_backup(name)
+        if not info.complete:
+            raise BackupNotFound(f"backup '{name}' is incomplete (its upload never finished)", backup=name)
+        if not (self.root / name).exists():
+            raise BackupNotFound(f"backup '{name}' has metadata but no data file", backup=name)
+        return _LocalReader(self.root / name, info)
+
+    def delete_backup(self, name: str) -> None:
+        check_backup_name(name)
+        (self.root / (name + META_SUFFIX)).unlink(missing_ok=True)
+        (self.root / name).unlink(missing_ok=True)

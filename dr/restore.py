@@ -1,0 +1,240 @@
+"""Restoring a backup without ever half-applying it to the live database.
+
+1. Restore into a NEW database `<db>_restore_<stamp>` on the target server, streaming
+   from the store (custom format through `pg_restore --exit-on-error`, or with
+   `jobs > 1` spooled first and restored with `pg_restore -j`; plain `.sql.gz` through
+   `psql -v ON_ERROR_STOP=1`).
+2. Check the bytes read against the checksum recorded at backup time.
+3. Check the new database against the backup's manifest (rows per table, sequences, objects).
+4. ANALYZE, so the app is not slow on its first queries.
+5. Swap: rename the live database to `<db>_replaced_<stamp>` and the new one to `<db>`
+   in one transaction. The replaced database is kept until tidy-up.
+
+Any failure before step 5 drops the new database and leaves the live one exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dr.backup import CHUNK
+from dr.commands import PgTools, Running, passfile_env
+from dr.database import (
+    analyze,
+    create_database,
+    database_comment,
+    database_exists,
+    drop_database,
+    replaced_name,
+    restore_db_name,
+    server_major_version,
+    set_database_comment,
+    swap_databases,
+    verify_against_manifest,
+)
+from dr.errors import BackupCorrupted, BackupError, BackupNotFound, CommandError, DrError, RestoreError
+from dr.platforms.base import BackupInfo, BackupReader, BackupStore, ServerPlatform
+from dr.progress import Progress, ProgressHook
+
+log = logging.getLogger("dr.restore")
+
+COMMENT_PREFIX = "dr: restored from "
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup: str
+    server: str
+    database: str
+    replaced_database: str | None
+    seconds: float
+    verified_manifest: bool
+    already_done: bool = False
+
+
+def latest_complete_backup(store: BackupStore, *, kinds: tuple[str, ...] | None = None,
+                           database: str | None = None, prefix: str | None = None) -> BackupInfo:
+    """The newest complete backup by its recorded finish time (not by a date in its name)."""
+    for info in store.list_backups():  # newest first
+        if not info.complete:
+            continue
+        if kinds and info.kind not in kinds and not (info.kind == "unknown" and "nightly" in kinds):
+            continue
+        if database and info.database not in (None, database):
+            continue
+        if prefix and not info.name.startswith(prefix):
+            continue
+        return info
+    raise BackupNotFound("no complete backup in the store" + (f" of kind {', '.join(kinds)}" if kinds else "")
+                         + (f" named {prefix}*" if prefix else ""))
+
+
+def _restored_marker(info: BackupInfo) -> str:
+    return f"{COMMENT_PREFIX}{info.name} sha256={info.sha256 or 'unknown'}"
+
+
+def _feed(reader: BackupReader, proc: Running, progress: Progress, *, gunzip: bool) -> None:
+    """Copy the backup into the child's stdin, decompressing gzip on the way if asked."""
+    d = zlib.decompressobj(wbits=31) if gunzip else None
+    try:
+        while chunk := reader.read(CHUNK):
+            progress.add(len(chunk))
+            data = d.decompress(chunk) if d else chunk
+            while d and d.eof and d.unused_data:  # concatenated gzip members
+                rest = d.unused_data
+                d = zlib.decompressobj(wbits=31)
+                data += d.decompress(rest)
+            if data:
+                proc.stdin.write(data)
+        if d:
+            tail = d.flush()
+            if tail:
+                proc.stdin.write(tail)
+            if not d.eof:
+                raise BackupCorrupted(f"backup '{reader.info.name}' ends in the middle of its gzip stream (truncated)",
+                                      backup=reader.info.name)
+    except zlib.error as exc:
+        raise BackupCorrupted(f"backup '{reader.info.name}' is not valid gzip: {exc}", backup=reader.info.name) from exc
+    except BrokenPipeError:
+        pass  # the child died; its exit code and stderr say why
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress: Progress, jobs: int,
+                    spool_dir: Path | None) -> None:
+    info = reader.info
+    with passfile_env(target_conn) as env:
+        if info.format == "plain-gzip" or info.name.endswith(".sql.gz"):
+            proc = tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", "-d", target_conn.dbname],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            try:
+                _feed(reader, proc, progress, gunzip=True)
+            except BaseException:
+                proc.kill()
+                raise
+            proc.finish()
+            reader.verify()
+        elif jobs > 1:
+            # parallel pg_restore needs a seekable file: spool (checksum verified before restoring)
+            spool = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
+            try:
+                path = spool / "backup.pgdump"
+                free = shutil.disk_usage(spool).free
+                if info.size and free < info.size * 1.1:
+                    raise RestoreError(f"not enough space in {spool} to spool {info.size} bytes for a parallel restore; "
+                                       "use --jobs 1 to stream instead")
+                with open(path, "wb") as fh:
+                    while chunk := reader.read(CHUNK):
+                        fh.write(chunk)
+                        progress.add(len(chunk))
+                reader.verify()
+                tools.run("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
+                                         "-d", target_conn.dbname, str(path)], env=env)
+            finally:
+                shutil.rmtree(spool, ignore_errors=True)
+        else:
+            proc = tools.start("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", "-d", target_conn.dbname],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            try:
+                _feed(reader, proc, progress, gunzip=False)
+            except BaseException:
+                proc.kill()
+                raise
+            proc.finish()
+            reader.verify()
+
+
+def restore_backup(
+    servers: ServerPlatform,
+    store: BackupStore,
+    tools: PgTools,
+    *,
+    server: str,
+    database: str,
+    backup: str,
+    jobs: int = 1,
+    swap: bool = True,
+    spool_dir: Path | None = None,
+    progress_hooks: list[ProgressHook] | None = None,
+) -> RestoreResult:
+    """Restore `backup` as database `database` on `server` (new database + verified atomic swap).
+
+    Args:
+        jobs: parallel `pg_restore` jobs for custom-format backups (spools the backup first).
+        swap: swap the restored database in as `database`; when False, it is left beside the
+            live one under its `_restore_` name (for checks and reconciliation).
+
+    Raises:
+        BackupNotFound: no such complete backup.
+        BackupCorrupted: the bytes do not match the recorded checksum; the live database is untouched.
+        VerificationFailed: the restored data does not match the manifest; the live database is untouched.
+        RestoreError: the restore failed; the live database is untouched.
+    """
+    started = datetime.now(timezone.utc)
+    info = store.get_backup(backup)
+    if not info.complete:
+        raise BackupNotFound(f"backup '{backup}' is incomplete and cannot be restored", backup=backup)
+    admin = servers.connection(server, "postgres")
+    tools.check_client_for(server_major_version(admin), ("pg_restore", "psql"))
+
+    # a re-run after the swap already happened must not restore again over validated data
+    if database_exists(admin, database) and database_comment(admin, database) == _restored_marker(info) and info.sha256:
+        log.info("%s on %s already holds backup %s; nothing to do", database, server, backup)
+        return RestoreResult(backup, server, database, None, 0.0, True, already_done=True)
+
+    new_db = restore_db_name(database, started)
+    untouched = f"the live database {database} on {server} is untouched"
+    create_database(admin, new_db, comment=f"dr: restoring {info.name}")
+    target = servers.connection(server, new_db)
+    verified = False
+    try:
+        progress = Progress(f"restore {backup}", info.size or None, hooks=progress_hooks)
+        with store.reader(backup) as reader:
+            try:
+                _restore_stream(tools, reader, target, progress, jobs, spool_dir)
+            except CommandError as exc:
+                # a checksum mismatch explains a failed restore better than the tool's message
+                try:
+                    while reader.read(CHUNK):
+                        pass
+                    reader.verify()
+                except BackupCorrupted:
+                    raise
+                except Exception:
+                    pass
+                raise RestoreError(f"restoring {backup} into {new_db} failed: {exc.stderr_tail}", database=new_db,
+                                   server=server, world_state=untouched) from exc
+        progress.report()
+        if info.manifest:
+            verify_against_manifest(target, info.manifest)
+            verified = True
+        analyze(target)
+        set_database_comment(admin, new_db, _restored_marker(info))
+    except BaseException as exc:
+        log.error("restore of %s failed; dropping %s (%s)", backup, new_db, untouched)
+        try:
+            drop_database(admin, new_db)
+        except DrError:
+            log.exception("could not drop %s; drop it by hand", new_db)
+        if isinstance(exc, DrError) and not exc.world_state:
+            exc.world_state = untouched
+        raise
+    if not swap:
+        secs = (datetime.now(timezone.utc) - started).total_seconds()
+        return RestoreResult(backup, server, new_db, None, secs, verified)
+    replaced = swap_databases(admin, database, new_db, replaced_name(database, started))
+    secs = (datetime.now(timezone.utc) - started).total_seconds()
+    log.info("restored %s into %s on %s in %.1f s (previous database kept as %s)", backup, database, server, secs, replaced)
+    return RestoreResult(backup, server, database, replaced, secs, verified)

@@ -1,0 +1,1 @@
+"""One module per runbook flow. Flows orchestrate and decide; the tasks do the I/O."""

@@ -1,0 +1,54 @@
+"""Backup workflow: save a copy of a database to the backup store."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from dr.runtime import Ref
+from flows.common import run_logger
+from tasks.backups import backup_database_task
+
+
+@flow(name="backup-database", log_prints=True)
+def backup_database(
+    service: str,
+    environment: str,
+    kind: Literal["adhoc", "nightly", "pre-restore-safety", "ptr", "drill"] = "adhoc",
+    backup_format: Literal["custom", "plain-gzip"] = "custom",
+    server: str | None = None,
+    database: str | None = None,
+    label: str | None = None,
+    config_path: str | None = None,
+) -> dict:
+    """Stream a backup of the database into the backup store, with checksum and row-count manifest.
+
+    Reads the database only; writes one new backup (never overwrites one).
+
+    Args:
+        service: the service short name, e.g. `apply`.
+        environment: the environment, e.g. `production`.
+        kind: why the backup is taken; it is part of the name and metadata.
+        backup_format: `custom` (restores in parallel) or `plain-gzip` (`.sql.gz`, like the nightly tooling).
+        server: back up this server instead of the environment's own (e.g. a PTR server).
+        database: back up this database instead of the environment's own.
+        label: an extra tag in the name and metadata, e.g. the incident id.
+        config_path: the configuration file; default `$DR_CONFIG` or `./dr.toml`.
+    """
+    ref = Ref(service, environment, config_path)
+    result = backup_database_task(ref, kind=kind, fmt=backup_format, server=server, database=database, label=label)
+    info = result.info
+    rows = sum((info.manifest or {}).get("rows", {}).values())
+    run_logger().info("backup %s stored: %s bytes, %s rows, sha256 %s", info.name, info.size, rows, info.sha256)
+    create_markdown_artifact(
+        key=f"backup-{service}-{environment}",
+        markdown=(f"# Backup {info.name}\n\n| | |\n|---|---|\n| source | {info.source_server} / {info.database} |\n"
+                  f"| kind | {info.kind} |\n| format | {info.format} |\n| size | {info.size} bytes |\n"
+                  f"| rows | {rows} in {len((info.manifest or {}).get('rows', {}))} tables |\n"
+                  f"| sha256 | `{info.sha256}` |\n| took | {result.seconds:.1f} s |\n"),
+        description=f"backup of {service} {environment}",
+    )
+    return {"name": info.name, "size": info.size, "sha256": info.sha256, "rows": rows, "seconds": result.seconds,
+            "server": info.source_server, "database": info.database, "kind": info.kind}

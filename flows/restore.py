@@ -1,0 +1,61 @@
+"""Restore workflow: put a backup from the store into the live database, never half-applied."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from dr.errors import DrError
+from dr.runtime import Ref
+from flows.common import recovery_lock, run_logger
+from tasks.backups import backup_database_task, find_backup
+from tasks.database import database_exists_task, restore_backup_task, table_counts
+
+RESTORABLE_KINDS = ("nightly", "adhoc", "ptr", "drill", "unknown")
+
+
+@flow(name="restore-database", log_prints=True)
+def restore_database(
+    service: str,
+    environment: str,
+    backup: str | None = None,
+    server: str | None = None,
+    database: str | None = None,
+    jobs: int = 2,
+    safety_backup: bool = True,
+    config_path: str | None = None,
+) -> dict:
+    """Restore a backup into the environment's database: new database, verify, then atomic swap.
+
+    The live database is untouched until the restored copy has passed its checksum and
+    manifest checks; then it is renamed to `<db>_replaced_<time>` (kept until tidy-up)
+    and the copy takes its name, in one transaction.
+
+    Args:
+        service: the service short name.
+        environment: the environment.
+        backup: the backup's name; default the newest complete backup by its recorded time.
+        server: restore onto this server instead of the environment's own.
+        database: the database name to restore as; default the environment's database.
+        jobs: parallel restore jobs for custom-format backups.
+        safety_backup: first back up the live database to the store (kind `pre-restore-safety`).
+        config_path: the configuration file.
+    """
+    ref = Ref(service, environment, config_path)
+    log = run_logger()
+    with recovery_lock(ref):
+        info = find_backup(ref, name=backup, kinds=None if backup else RESTORABLE_KINDS)
+        log.info("restoring backup %s (%s bytes, finished %s)", info.name, info.size, info.finished_at or info.created_at)
+        safety = None
+        target_db = database
+        if safety_backup and database_exists_task(ref, database or ref.rt().target.database, server=server):
+            safety = backup_database_task(ref, kind="pre-restore-safety", server=server, database=database).info.name
+            log.info("safety backup of the live database: %s", safety)
+        try:
+            result = restore_backup_task(ref, backup=info.name, server=server, database=target_db, jobs=jobs)
+        except DrError as exc:
+            raise exc.annotate(step="restore", world_state="unknown; check the server's databases",
+                               resume_hint=f"dr restore --service {service} --env {environment} --backup {info.name}")
+        counts = table_counts(ref, server=server, database=database)
+    return {"backup": info.name, "database": result.database, "replaced_database": result.replaced_database,
+            "safety_backup": safety, "verified_manifest": result.verified_manifest, "seconds": result.seconds,
+            "already_done": result.already_done, "rows": counts}

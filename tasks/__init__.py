@@ -1,0 +1,1 @@
+"""Retryable Prefect tasks, thin, grouped by the system they touch."""

@@ -1,0 +1,69 @@
+"""Tasks on database servers: window, point-in-time restore, delete, revive, recreate."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from dr.errors import ServerNotFound
+from dr.platforms.base import DroppedServer, RestoreWindow, ServerInfo
+from dr.runtime import Ref
+from tasks.common import dr_task
+
+
+@dr_task
+def get_server_task(ref: Ref, name: str | None = None) -> ServerInfo | None:
+    """The server, or None when it does not exist."""
+    rt = ref.rt()
+    try:
+        return rt.servers.get_server(name or rt.target.server)
+    except ServerNotFound:
+        return None
+
+
+@dr_task
+def list_servers_task(ref: Ref) -> list[ServerInfo]:
+    """Every server the platform sees."""
+    return ref.rt().servers.list_servers()
+
+
+@dr_task
+def get_restore_window_task(ref: Ref, name: str | None = None) -> RestoreWindow:
+    """The point-in-time restore window of the server."""
+    rt = ref.rt()
+    return rt.servers.get_restore_window(name or rt.target.server)
+
+
+@dr_task(retries=2)
+def point_in_time_restore_task(ref: Ref, *, source: str, new_name: str, point_in_time_utc: datetime,
+                               tags: dict[str, str]) -> ServerInfo:
+    """Restore the source server at a UTC time onto a new server (reused if already made)."""
+    return ref.rt().servers.point_in_time_restore(source, new_name, point_in_time_utc, tags=tags)
+
+
+@dr_task
+def delete_server_task(ref: Ref, name: str) -> None:
+    """Delete (drop) a server; nothing to do if it is already gone."""
+    ref.rt().servers.delete_server(name)
+
+
+@dr_task
+def list_dropped_servers_task(ref: Ref) -> list[DroppedServer]:
+    """Dropped servers that can still be revived."""
+    return ref.rt().servers.list_dropped_servers()
+
+
+@dr_task(retries=1)
+def revive_server_task(ref: Ref, name: str | None = None) -> ServerInfo:
+    """Revive a dropped server with all its data."""
+    rt = ref.rt()
+    return rt.servers.revive_dropped_server(name or rt.target.server)
+
+
+@dr_task(retries=1)
+def recreate_server_task(ref: Ref, name: str | None = None, tags: dict[str, str] | None = None) -> ServerInfo:
+    """Create the server again, empty, with its recorded settings."""
+    rt = ref.rt()
+    name = name or rt.target.server
+    if rt.servers.server_exists(name):
+        return rt.servers.get_server(name)
+    return rt.servers.create_server(name, like=name, tags=tags)

@@ -175,6 +175,7 @@ class DrConfig(_Strict):
     timezone: str = "Europe/London"
     local: LocalSettings = Field(default_factory=LocalSettings)
     notifications: Notifications = Field(default_factory=Notifications)
+    reports_dir: Path = Path("dr-reports")
     services: dict[str, Service] = Field(min_length=1)
 
     # where it was loaded from; not part of the file

@@ -51,3 +51,12 @@ def list_backups_task(ref: Ref) -> list[BackupInfo]:
 def backup_exists(ref: Ref, name: str) -> bool:
     """Whether the store holds a backup with this name."""
     return ref.rt().store.backup_exists(name)
+
+
+@dr_task(retries=2)
+def find_incident_backup(ref: Ref, kind: str, incident: str) -> BackupInfo | None:
+    """The incident's complete backup of this kind, or None (used to resume without redoing it)."""
+    for info in ref.rt().store.list_backups():
+        if info.complete and info.kind == kind and info.extra.get("label") == incident:
+            return info
+    return None

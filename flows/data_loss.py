@@ -1,0 +1,242 @@
+"""Scenario 2 of the runbook: loss or corruption of data.
+
+Stop the app → maintenance on → safety backup of the flawed database → point-in-time
+restore to a NEW server → back that server up → (approval) restore into the live
+server → validate → (approval) maintenance off → delete the PTR server → report.
+
+Re-running with the same incident id continues where it stopped: every step first
+looks at the world (the safety backup, the PTR server, its backup, the live database's
+restore marker) and does nothing twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow
+
+from dr.errors import DrError, InvalidInput, ValidationFailed
+from dr.incident import IncidentRecord, check_incident_id, new_incident_id
+from dr.platforms.base import TAG_INCIDENT, TAG_RESTORE_TIME, TAG_SOURCE
+from dr.runtime import Ref
+from dr.timeparse import check_in_window, fmt_both, parse_restore_time
+from flows.approval import approve, ask_restore_time, check_auto_approve
+from flows.common import Timeline, recovery_lock, run_logger
+from flows.plan import plan_data_loss, publish_plan
+from flows.ptr import ptr_server_name
+from tasks.backups import backup_database_task, find_incident_backup
+from tasks.database import restore_backup_task, table_counts
+from tasks.maintenance import disable_maintenance, enable_maintenance, scale_down_app, scale_up_app, wait_until_healthy
+from tasks.notifications import flow_run_link, notify
+from tasks.reports import publish_report
+from tasks.servers import delete_server_task, get_restore_window_task, list_servers_task, point_in_time_restore_task
+from tasks.validation import run_service_checks
+
+
+def _existing_ptr_server(ref: Ref, incident: str):
+    """The PTR server this incident already made, if any."""
+    rt = ref.rt()
+    for srv in list_servers_task(ref):
+        if srv.created_by_us and srv.tags.get(TAG_INCIDENT) == incident and srv.tags.get(TAG_SOURCE) == rt.target.server:
+            return srv
+    return None
+
+
+def _maybe_backup(ref: Ref, kind: str, incident: str, **kw):
+    """The incident's backup of this kind, taken now unless it already exists."""
+    found = find_incident_backup(ref, kind, incident)
+    if found is not None:
+        return found, False
+    return backup_database_task(ref, kind=kind, label=incident, **kw).info, True
+
+
+@flow(name="data-loss", log_prints=True)
+def data_loss(
+    service: str,
+    environment: str,
+    restore_time: str | None = None,
+    timezone_name: str | None = None,
+    incident: str | None = None,
+    auto_approve: bool = False,
+    plan_only: bool = False,
+    keep_ptr_server: bool = False,
+    approval_timeout_minutes: int | None = None,
+    config_path: str | None = None,
+) -> dict:
+    """Recover from lost or corrupted data with a point-in-time restore, the runbook's scenario 2.
+
+    Changes the world: stops the app, shows the maintenance page, creates a safety backup,
+    a PTR server and its backup, swaps the restored database into the live server (the
+    flawed one is kept as `<db>_replaced_<time>`), and deletes the PTR server at the end.
+    Pauses for a person before the live database is replaced and before users return.
+
+    Args:
+        service: the service short name, e.g. `apply`.
+        environment: the environment, e.g. `production`.
+        restore_time: a time BEFORE the damage, `YYYY-MM-DD HH:MM[:SS]` in UK time (or with an
+            offset). Leave empty to be asked with a form once the app is safely stopped.
+        timezone_name: zone of `restore_time` when typed without offset (default Europe/London).
+        incident: the incident id; re-run with the same id to resume. Generated when empty.
+        auto_approve: approve every gate (non-production drills only; refused for production).
+        plan_only: check everything and show the plan, changing nothing.
+        keep_ptr_server: do not delete the PTR server at the end.
+        approval_timeout_minutes: how long each gate waits for a person (default from config).
+        config_path: the configuration file.
+    """
+    ref = Ref(service, environment, config_path)
+    rt = ref.rt()
+    t = rt.target
+    zone = timezone_name or t.timezone
+    log = run_logger()
+
+    # bad input stops here, before anything is touched
+    check_auto_approve(ref, auto_approve)
+    incident = check_incident_id(incident) if incident else new_incident_id()
+    given_time = parse_restore_time(restore_time, zone) if restore_time else None
+    if auto_approve and given_time is None and _existing_ptr_server(ref, incident) is None:
+        raise InvalidInput("an automatic run needs restore_time (there is nobody to ask)")
+    plan = plan_data_loss(ref, restore_time, zone)
+    publish_plan(plan)
+    if plan_only:
+        return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
+    if plan.blockers:
+        raise InvalidInput("cannot start: " + "; ".join(plan.blockers))
+
+    timeout = approval_timeout_minutes or t.approval_timeout_minutes
+    resume = f"dr data-loss --service {service} --env {environment} --incident {incident}"
+    record = IncidentRecord(incident, "data loss", service, environment, zone, datetime.now(timezone.utc))
+    timeline = Timeline(f"Incident {incident}: data loss, {service} {environment}", f"timeline-{incident}", zone)
+    state = "nothing changed yet"
+
+    def fail(exc: BaseException) -> None:
+        record.outcome = f"FAILED: {exc}"
+        record.ended = datetime.now(timezone.utc)
+        publish_report(ref, incident, record.to_markdown(timeline.markdown()))
+        notify(ref, f"incident {incident} FAILED", str(exc), flow_run_link())
+
+    with recovery_lock(ref):
+        try:
+            with timeline.step("start the incident"):
+                notify(ref, f"incident {incident} started: data loss",
+                       f"recovering {t.server}/{t.database}; app being stopped", flow_run_link())
+
+            with timeline.step("stop the app and enable maintenance") as ev:
+                recorded = scale_down_app(ref)
+                status = enable_maintenance(ref)
+                ev.detail = f"replicas recorded {recorded}; temporary URL {status.temp_url}"
+                state = "app stopped, maintenance page on"
+
+            with timeline.step("safety backup of the flawed database") as ev:
+                safety, made = _maybe_backup(ref, "pre-restore-safety", incident)
+                record.backups_created.append(safety.name)
+                ev.detail = f"{safety.name} ({'taken' if made else 'already taken: reused'})"
+                state += f"; safety backup {safety.name} in the store"
+
+            with timeline.step("restore time") as ev:
+                existing = _existing_ptr_server(ref, incident)
+                window = get_restore_window_task(ref)
+
+                def in_window(when: datetime) -> None:
+                    check_in_window(when, window.earliest, window.latest, zone)
+
+                if existing:
+                    when = datetime.fromisoformat(existing.tags[TAG_RESTORE_TIME])
+                    if given_time and given_time != when:
+                        raise InvalidInput(f"incident {incident} already restored to {fmt_both(when, zone)}; "
+                                           "to use another time, start a new incident")
+                elif given_time:
+                    in_window(given_time)
+                    when = given_time
+                else:
+                    when, _, who = ask_restore_time(ref, timeline, timeout_minutes=timeout, resume=resume, check=in_window)
+                    record.decisions.append(f"restore time {fmt_both(when, zone)} given by {who}")
+                record.restore_target = when
+                ev.detail = fmt_both(when, zone)
+
+            with timeline.step("point-in-time restore to a new server") as ev:
+                ptr = point_in_time_restore_task(
+                    ref, source=t.server, new_name=ptr_server_name(t.server, when), point_in_time_utc=when,
+                    tags={TAG_INCIDENT: incident, "dr-service": service, "dr-environment": environment})
+                record.servers_created.append(ptr.name)
+                ev.detail = f"{ptr.name} at {ptr.host}:{ptr.port}"
+                state += f"; PTR server {ptr.name} holds the data as at {when:%H:%M:%S} UTC"
+
+            with timeline.step("back up the PTR server to the store") as ev:
+                ptr_backup, made = _maybe_backup(ref, "ptr", incident, server=ptr.name, database=t.database)
+                record.backups_created.append(ptr_backup.name)
+                ev.detail = f"{ptr_backup.name} ({'taken' if made else 'reused'})"
+                state += f"; its backup {ptr_backup.name} is in the store"
+
+            live_counts = table_counts(ref)
+            ptr_counts = (ptr_backup.manifest or {}).get("rows", {})
+            diff = ", ".join(f"{k.split('.')[-1]}: live {live_counts.get(k, 0)} → {v}" for k, v in sorted(ptr_counts.items())
+                             if live_counts.get(k) != v) or "no row-count differences"
+            decision = approve(
+                ref, timeline, gate="restore into the live database", auto_approve=auto_approve, timeout_minutes=timeout,
+                resume=resume,
+                what=(f"replace {t.server}/{t.database} with backup {ptr_backup.name} (data as at {fmt_both(when, zone)}); "
+                      f"the current database is kept as {t.database}_replaced_…; {diff}"))
+            record.decisions.append(decision.line())
+
+            with timeline.step("restore into the live server") as ev:
+                res = restore_backup_task(ref, backup=ptr_backup.name, jobs=2)
+                ev.detail = ("already done" if res.already_done else
+                             f"swapped in; flawed database kept as {res.replaced_database}")
+                if res.replaced_database:
+                    record.left_to_tidy.append(f"database {res.replaced_database} on {t.server} (after reconciliation)")
+                state = (f"the live database holds the restored data (as at {when:%H:%M:%S} UTC); maintenance page on; "
+                         f"PTR server {ptr.name} still exists")
+
+            with timeline.step("restart the app behind the maintenance page") as ev:
+                replicas = scale_up_app(ref)  # users still see the maintenance page; the temporary URL reaches the app
+                ev.detail = f"replicas {replicas}; check it at {status.temp_url}"
+
+            with timeline.step("validate") as ev:
+                results = run_service_checks(ref)
+                failed = [r.name for r in results if r.required and not r.passed]
+                ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
+                if failed:
+                    raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
+                record.validated = datetime.now(timezone.utc)
+
+            decision = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve,
+                               timeout_minutes=timeout, resume=resume,
+                               what=f"service validated; send users back to {status.main_url}")
+            record.decisions.append(decision.line())
+            with timeline.step("disable maintenance") as ev:
+                disable_maintenance(ref)
+                health = wait_until_healthy(ref)
+                ev.detail = f"{status.main_url} answers {health[0]}"
+                state = "service restored and serving users; PTR server still exists"
+
+            with timeline.step("tidy up: delete the PTR server") as ev:
+                if keep_ptr_server:
+                    ev.outcome, ev.detail = "skipped", "kept on request"
+                    record.left_to_tidy.append(f"PTR server {ptr.name}")
+                else:
+                    if t.production:
+                        d = approve(ref, timeline, gate="delete the PTR server", auto_approve=False,
+                                    timeout_minutes=timeout, resume=resume, what=f"delete server {ptr.name}")
+                        record.decisions.append(d.line())
+                    delete_server_task(ref, ptr.name)
+                    record.servers_deleted.append(ptr.name)
+                    ev.detail = f"deleted {ptr.name}"
+        except (DrError, Exception) as exc:
+            if isinstance(exc, DrError):
+                exc.annotate(world_state=state, resume_hint=resume)
+            log.error("incident %s: %s", incident, exc)
+            fail(exc)
+            raise
+
+    record.outcome = "recovered"
+    record.ended = datetime.now(timezone.utc)
+    record.facts["flawed data kept in"] = safety.name
+    report_path = publish_report(ref, incident, record.to_markdown(timeline.markdown()))
+    notify(ref, f"incident {incident} recovered",
+           f"RTO {record.rto_seconds:.0f} s; restored to {fmt_both(when, zone)}; report {report_path}", flow_run_link())
+    return {
+        "incident": incident, "restore_target_utc": when.isoformat(), "ptr_server": ptr.name,
+        "safety_backup": safety.name, "ptr_backup": ptr_backup.name, "replaced_database": res.replaced_database,
+        "rto_seconds": record.rto_seconds, "rpo_seconds": record.rpo_seconds, "report": report_path,
+        "timeline": timeline.as_dict(), "decisions": record.decisions,
+    }

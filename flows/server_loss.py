@@ -1,0 +1,175 @@
+"""Scenario 1 of the runbook: loss of the database server.
+
+Maintenance on → revive the dropped server, or recreate it and restore the newest
+complete nightly backup → validate → (approval) maintenance off → report.
+
+Re-running with the same incident id continues: a revived or recreated server is
+recognised, and a database already restored from the chosen backup is not restored again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+from prefect import flow
+
+from dr.errors import DrError, InvalidInput, ValidationFailed
+from dr.incident import IncidentRecord, check_incident_id, new_incident_id
+from dr.platforms.base import TAG_INCIDENT
+from dr.runtime import Ref
+from flows.approval import approve, ask_recovery_choice, check_auto_approve
+from flows.common import Timeline, recovery_lock, run_logger
+from flows.plan import plan_server_loss, publish_plan
+from tasks.backups import find_backup
+from tasks.database import database_exists_task, restore_backup_task
+from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_app, wait_until_healthy
+from tasks.notifications import flow_run_link, notify
+from tasks.reports import publish_report
+from tasks.servers import get_server_task, list_dropped_servers_task, recreate_server_task, revive_server_task
+from tasks.validation import run_service_checks
+
+NIGHTLY_KINDS = ("nightly",)
+
+
+@flow(name="server-loss", log_prints=True)
+def server_loss(
+    service: str,
+    environment: str,
+    recovery: Literal["auto", "revive", "recreate"] = "auto",
+    backup: str | None = None,
+    incident: str | None = None,
+    auto_approve: bool = False,
+    plan_only: bool = False,
+    approval_timeout_minutes: int | None = None,
+    config_path: str | None = None,
+) -> dict:
+    """Bring back a lost database server, the runbook's scenario 1.
+
+    Changes the world: shows the maintenance page, then revives the dropped server (all
+    data kept) or recreates it empty and restores the newest complete nightly backup into
+    it; users return only after validation and a person's approval.
+
+    Args:
+        service: the service short name.
+        environment: the environment.
+        recovery: `auto` asks (or, with auto_approve, revives when possible); `revive` or `recreate` to decide now.
+        backup: the backup to restore after a recreate; default the newest complete nightly backup.
+        incident: the incident id; re-run with the same id to resume. Generated when empty.
+        auto_approve: approve every gate (non-production drills only; refused for production).
+        plan_only: check everything and show the plan, changing nothing.
+        approval_timeout_minutes: how long each gate waits for a person (default from config).
+        config_path: the configuration file.
+    """
+    ref = Ref(service, environment, config_path)
+    t = ref.rt().target
+    log = run_logger()
+    check_auto_approve(ref, auto_approve)
+    incident = check_incident_id(incident) if incident else new_incident_id()
+    plan = plan_server_loss(ref, backup)
+    publish_plan(plan)
+    if plan_only:
+        return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
+
+    # nothing lost: refuse before touching anything (a server this incident brought back is a resume)
+    srv = get_server_task(ref)
+    if srv is not None and srv.state == "Ready" and srv.tags.get(TAG_INCIDENT) != incident:
+        revived = srv.tags.get("dr-revived-at")
+        recent = revived and datetime.now(timezone.utc) - datetime.fromisoformat(revived) < timedelta(hours=24)
+        if not recent and database_exists_task(ref, t.database):
+            raise InvalidInput(f"server {t.server} is up and holds {t.database}: nothing is lost. "
+                               "For lost or corrupted data use the data-loss scenario")
+
+    timeout = approval_timeout_minutes or t.approval_timeout_minutes
+    resume = f"dr server-loss --service {service} --env {environment} --incident {incident}"
+    record = IncidentRecord(incident, "server loss", service, environment, t.timezone, datetime.now(timezone.utc))
+    timeline = Timeline(f"Incident {incident}: server loss, {service} {environment}", f"timeline-{incident}", t.timezone)
+    state = "nothing changed yet"
+    how = "none"
+    restored_backup = None
+
+    with recovery_lock(ref):
+        try:
+            with timeline.step("start the incident"):
+                notify(ref, f"incident {incident} started: server loss", f"server {t.server} lost", flow_run_link())
+
+            with timeline.step("enable maintenance") as ev:
+                status = enable_maintenance(ref)
+                ev.detail = f"temporary URL {status.temp_url}"
+                state = "maintenance page on"
+
+            with timeline.step("bring the server back") as ev:
+                srv = get_server_task(ref)
+                if srv is not None:
+                    how = "revived" if "dr-revived-at" in srv.tags else "recreated"
+                    ev.detail = f"{t.server} already back ({how}); continuing"
+                else:
+                    dropped = [d for d in list_dropped_servers_task(ref) if d.name == t.server]
+                    choice = recovery
+                    if choice == "revive" and not dropped:
+                        raise InvalidInput(f"server {t.server} cannot be revived: no dropped copy within the window")
+                    if choice == "auto":
+                        if dropped and not auto_approve:
+                            choice = ask_recovery_choice(
+                                ref, timeline, timeout_minutes=timeout, resume=resume,
+                                what=(f"{t.server} was dropped {dropped[0].dropped_at:%Y-%m-%d %H:%M} UTC and can be "
+                                      "revived with all its data, or recreated and restored from the nightly backup"))
+                        else:
+                            choice = "revive" if dropped else "recreate"
+                    if choice == "revive":
+                        srv = revive_server_task(ref)
+                        how = "revived"
+                    else:
+                        srv = recreate_server_task(ref, tags={TAG_INCIDENT: incident})
+                        how = "recreated"
+                        record.servers_created.append(srv.name)
+                    ev.detail = f"{how} {srv.name}"
+                record.facts["server"] = f"{how}: {t.server}"
+                state = f"server {t.server} {how}; maintenance page on"
+
+            if how == "recreated":
+                with timeline.step("restore the newest nightly backup") as ev:
+                    info = find_backup(ref, name=backup, kinds=None if backup else NIGHTLY_KINDS)
+                    restored_backup = info.name
+                    record.last_backup = info.finished_at or info.created_at
+                    res = restore_backup_task(ref, backup=info.name, jobs=2)
+                    ev.detail = f"{info.name} ({'already restored' if res.already_done else 'restored and verified'})"
+                    state = f"server {t.server} recreated and holds backup {info.name}; maintenance page on"
+            else:
+                record.facts["data loss"] = "none: the revived server keeps all committed data"
+
+            with timeline.step("validate") as ev:
+                results = run_service_checks(ref)
+                failed = [r.name for r in results if r.required and not r.passed]
+                ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
+                if failed:
+                    raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
+                record.validated = datetime.now(timezone.utc)
+
+            d = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve, timeout_minutes=timeout,
+                        resume=resume, what=f"service validated on the {how} server; send users back")
+            record.decisions.append(d.line())
+            with timeline.step("disable maintenance") as ev:
+                scale_up_app(ref)
+                disable_maintenance(ref)
+                wait_until_healthy(ref)
+                state = "service restored and serving users"
+        except Exception as exc:
+            if isinstance(exc, DrError):
+                exc.annotate(world_state=state, resume_hint=resume)
+            log.error("incident %s: %s", incident, exc)
+            record.outcome = f"FAILED: {exc}"
+            record.ended = datetime.now(timezone.utc)
+            publish_report(ref, incident, record.to_markdown(timeline.markdown()))
+            notify(ref, f"incident {incident} FAILED", str(exc), flow_run_link())
+            raise
+
+    record.outcome = "recovered"
+    record.ended = datetime.now(timezone.utc)
+    if how == "revived":
+        record.last_backup = None
+    report_path = publish_report(ref, incident, record.to_markdown(timeline.markdown()))
+    notify(ref, f"incident {incident} recovered", f"server {how}; RTO {record.rto_seconds:.0f} s", flow_run_link())
+    return {"incident": incident, "recovery": how, "backup": restored_backup, "rto_seconds": record.rto_seconds,
+            "rpo_seconds": record.rpo_seconds, "report": report_path, "timeline": timeline.as_dict(),
+            "decisions": record.decisions}

@@ -117,6 +117,9 @@ class Environment(_Strict):
     namespace: str | None = None
     web_deployment: str | None = None
     worker_deployment: str | None = None
+    ingress: str | None = None
+    temp_host: str | None = None
+    kube_context: str | None = None
     healthcheck_url: str | None = None
     # Behaviour
     checks: list[Check] = Field(default_factory=lambda: [HealthcheckCheck(kind="healthcheck")])
@@ -286,6 +289,9 @@ class Target(BaseModel):
     namespace: str | None
     web_deployment: str | None
     worker_deployment: str | None
+    ingress: str | None
+    temp_host: str | None
+    kube_context: str | None
     healthcheck_url: str | None
     checks: list[Check]
     retention: Retention

@@ -405,7 +405,37 @@ def answer_time_cmd(flow_run_id: str, time: str = typer.Option(..., "--time", "-
                   output.say("sent"))[1])
 
 
+@app.command("drill")
+def drill_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+              scenario: str = typer.Option("both", help="data-loss, server-loss or both"),
+              config: Optional[str] = ConfigOpt) -> None:
+    """Rehearse the runbook on a non-production environment and print RTO/RPO (the monthly drill)."""
+
+    def body() -> None:
+        from flows.drill import dr_drill
+
+        _, s, e, path = _ctx(config, service, env)
+        r = dr_drill(s, e, scenario=scenario, config_path=path)
+        output.say(f"\nDR drill {r['drill']} on {s} {e}: {'PASSED' if r['passed'] else 'FAILED'}")
+        output.table([(x["scenario"], "PASS" if x["ok"] else "FAIL", f"{x['rto_seconds']:.0f} s",
+                       f"{x['rpo_seconds']:.0f} s", x["markers"]) for x in r["results"]],
+                     ["scenario", "result", "RTO", "RPO", "marker rows after recovery"])
+        output.say(f"report: {r['report']}")
+
+    _run(body)
+
+
+def _prefect_defaults() -> None:
+    """Without a Prefect server configured, keep Prefect's state beside the local platform's."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        home = os.path.abspath(os.path.join(".dr-local", "prefect"))
+        os.makedirs(home, exist_ok=True)
+        os.environ["PREFECT_HOME"] = home
+
+
 def main() -> None:
+    _prefect_defaults()
     logging.basicConfig(level=os.environ.get("DR_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     app(prog_name="dr")
 

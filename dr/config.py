@@ -171,6 +171,32 @@ class Notifications(_Strict):
     teams_webhook_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
 
 
+class AlertRoute(_Strict):
+    """Which alert starts which scenario. An alert matches when every given matcher matches."""
+
+    match_resource: str | None = Field(default=None, min_length=3,
+                                       description="case-insensitive substring of one of the alert's alertTargetIDs")
+    match_rule: str | None = Field(default=None, min_length=1, description="the alert rule name, exactly")
+    service: str
+    environment: str
+    scenario: Literal["server-loss", "data-loss"]
+
+    @model_validator(mode="after")
+    def _some_matcher(self) -> "AlertRoute":
+        if not (self.match_resource or self.match_rule):
+            raise ValueError("a route needs match_resource or match_rule")
+        return self
+
+
+class Alerts(_Strict):
+    """The alert endpoint: shared token from an environment variable, routes to scenarios."""
+
+    token_env: str = Field(default="DR_ALERT_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    max_body_bytes: int = Field(default=256 * 1024, gt=0, le=10 * 1024 * 1024)
+    rate_limit_per_minute: int = Field(default=60, gt=0)
+    routes: list[AlertRoute] = Field(default_factory=list)
+
+
 class DrConfig(_Strict):
     """The whole configuration file."""
 
@@ -179,6 +205,7 @@ class DrConfig(_Strict):
     local: LocalSettings = Field(default_factory=LocalSettings)
     notifications: Notifications = Field(default_factory=Notifications)
     reports_dir: Path = Path("dr-reports")
+    alerts: Alerts = Field(default_factory=Alerts)
     services: dict[str, Service] = Field(min_length=1)
 
     # where it was loaded from; not part of the file
@@ -218,6 +245,11 @@ class DrConfig(_Strict):
                     raise ValueError(
                         f"services.{sname}.environments.{ename}: app 'kubernetes' needs namespace and web_deployment"
                     )
+        for i, route in enumerate(self.alerts.routes):
+            env = self.services.get(route.service)
+            if env is None or route.environment not in env.environments:
+                raise ValueError(f"alerts.routes[{i}]: no service '{route.service}' with environment "
+                                 f"'{route.environment}' is configured")
         return self
 
     # --- resolution ---------------------------------------------------------------------

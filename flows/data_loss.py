@@ -61,6 +61,7 @@ def data_loss(
     plan_only: bool = False,
     keep_ptr_server: bool = False,
     approval_timeout_minutes: int | None = None,
+    wait_for_go_ahead: bool = False,
     config_path: str | None = None,
 ) -> dict:
     """Recover from lost or corrupted data with a point-in-time restore, the runbook's scenario 2.
@@ -81,6 +82,7 @@ def data_loss(
         plan_only: check everything and show the plan, changing nothing.
         keep_ptr_server: do not delete the PTR server at the end.
         approval_timeout_minutes: how long each gate waits for a person (default from config).
+        wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
         config_path: the configuration file.
     """
     ref = Ref(service, environment, config_path)
@@ -116,6 +118,11 @@ def data_loss(
 
     with recovery_lock(ref):
         try:
+            if wait_for_go_ahead:
+                d = approve(ref, timeline, gate="start the recovery", auto_approve=False, timeout_minutes=timeout,
+                            resume=resume, what=f"data-loss recovery of {t.server}/{t.database}: the app will be "
+                                                f"stopped at once. Plan:\n{plan.text()}")
+                record.decisions.append(d.line())
             with timeline.step("start the incident"):
                 notify(ref, f"incident {incident} started: data loss",
                        f"recovering {t.server}/{t.database}; app being stopped", flow_run_link())

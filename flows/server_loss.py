@@ -42,6 +42,7 @@ def server_loss(
     auto_approve: bool = False,
     plan_only: bool = False,
     approval_timeout_minutes: int | None = None,
+    wait_for_go_ahead: bool = False,
     config_path: str | None = None,
 ) -> dict:
     """Bring back a lost database server, the runbook's scenario 1.
@@ -59,6 +60,7 @@ def server_loss(
         auto_approve: approve every gate (non-production drills only; refused for production).
         plan_only: check everything and show the plan, changing nothing.
         approval_timeout_minutes: how long each gate waits for a person (default from config).
+        wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
         config_path: the configuration file.
     """
     ref = Ref(service, environment, config_path)
@@ -90,6 +92,10 @@ def server_loss(
 
     with recovery_lock(ref):
         try:
+            if wait_for_go_ahead:
+                d = approve(ref, timeline, gate="start the recovery", auto_approve=False, timeout_minutes=timeout,
+                            resume=resume, what=f"server-loss recovery of {t.server}. Plan:\n{plan.text()}")
+                record.decisions.append(d.line())
             with timeline.step("start the incident"):
                 notify(ref, f"incident {incident} started: server loss", f"server {t.server} lost", flow_run_link())
 

@@ -425,6 +425,42 @@ def drill_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
     _run(body)
 
 
+@app.command("alerts")
+def alerts_cmd(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8787),
+               config: Optional[str] = ConfigOpt) -> None:
+    """Serve the alert endpoint (Azure Monitor common alert schema → a scenario run that waits for a person)."""
+
+    def body() -> None:
+        from dr.alerts import serve
+
+        serve(load_config(config), host, port)
+
+    _run(body)
+
+
+@app.command("retention")
+def retention_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
+                  dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run"), config: Optional[str] = ConfigOpt) -> None:
+    """Show (or apply) what the retention policy keeps and deletes among nightly backups."""
+
+    def body() -> None:
+        from datetime import datetime, timezone
+
+        from dr.retention import apply_retention
+        from dr.runtime import runtime
+
+        _, s, e, path = _ctx(config, service, env)
+        rt = runtime(s, e, path)
+        rep = apply_retention(rt.store, rt.target.retention, datetime.now(timezone.utc), dry_run=dry_run)
+        rows = ([(b.name, "keep", why) for b, why in rep.kept] + [(b.name, "delete" if not dry_run else "would delete", why)
+                for b, why in rep.deleted] + [(b.name, "left alone", why) for b, why in rep.skipped]
+                + [(b.name, "FAILED", why) for b, why in rep.failed])
+        output.table(rows, ["backup", "action", "why"])
+        output.say(rep.summary())
+
+    _run(body)
+
+
 def _prefect_defaults() -> None:
     """Without a Prefect server configured, keep Prefect's state beside the local platform's."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

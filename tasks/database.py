@@ -12,11 +12,21 @@ from tasks.common import dr_task, progress_artifact_hook
 def restore_backup_task(ref: Ref, *, backup: str, server: str | None = None, database: str | None = None,
                         jobs: int = 1, swap: bool = True) -> RestoreResult:
     """Restore a backup into a new database, verify it, and swap it in."""
+    import contextlib
+    import os
+
+    from dr.platforms.local.store import LocalBackupStore
+    from dr.retention import hold
+
     rt = ref.rt()
-    return restore_backup(rt.servers, rt.store, rt.tools, server=server or rt.target.server,
-                          database=database or rt.target.database, backup=backup, jobs=jobs, swap=swap,
-                          spool_dir=rt.config.local.state_dir.absolute() if rt.target.platform == "local" else None,
-                          progress_hooks=[progress_artifact_hook(f"restore {backup}")])
+    # hold the backup so retention cannot delete it while it is being read
+    held = (hold(rt.store, backup, holder=f"restore-{os.getpid()}") if isinstance(rt.store, LocalBackupStore)
+            else contextlib.nullcontext())
+    with held:
+        return restore_backup(rt.servers, rt.store, rt.tools, server=server or rt.target.server,
+                              database=database or rt.target.database, backup=backup, jobs=jobs, swap=swap,
+                              spool_dir=rt.config.local.state_dir.absolute() if rt.target.platform == "local" else None,
+                              progress_hooks=[progress_artifact_hook(f"restore {backup}")])
 
 
 @dr_task

@@ -1,0 +1,754 @@
+"""Azure Database for PostgreSQL flexible servers behind `ServerPlatform`.
+
+Every call goes through the management SDK (`azure-mgmt-postgresqlflexibleservers`),
+whose pipeline retries throttling (429) and transient 5xx answers and honours
+`Retry-After` (azure-core's `RetryPolicy`, configured here, never hand-rolled); a 4xx
+validation error is never retried. SDK errors are raised as the tool's own errors:
+404 `ServerNotFound`, 409 `ServerExists` or `PlatformError`, 429/5xx after the retries
+`TransientPlatformError`, anything else `PlatformError` with Azure's code and message.
+
+Creating a server (restore, revive, re-create) is a long-running operation. Its
+continuation token is written to a small JSON file as soon as Azure accepts it
+(`_state.OperationLog`), and every operation waits with a stated timeout, logging its
+progress: `OperationTimedOut` leaves the operation running and recorded, and running
+the same command again re-attaches to it instead of starting a second one.
+
+Dropped servers: Azure keeps a deleted flexible server for 5 days and can revive it
+(`createMode=ReviveDropped`). Azure itself only tells of the drop through the activity
+log, so this backend records every deletion IT makes (`_state.DroppedLog`) and also
+accepts an explicit resource id and drop time for a server deleted by someone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.policies import RetryPolicy
+from azure.core.polling import LROPoller
+from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
+from azure.mgmt.postgresqlflexibleservers import models as pg
+
+from dr.commands import ConnInfo, register_secret
+from dr.errors import (
+    ConfigError,
+    DrError,
+    InvalidInput,
+    InvalidRestoreTime,
+    OperationTimedOut,
+    PlatformError,
+    ServerExists,
+    ServerNotFound,
+    TransientPlatformError,
+)
+from dr.platforms.azure._state import DroppedLog, OperationLog, default_state_dir
+from dr.platforms.base import (
+    TAG_CREATED_BY,
+    TAG_CREATED_BY_VALUE,
+    TAG_PURPOSE,
+    TAG_RESTORE_TIME,
+    TAG_SOURCE,
+    DroppedServer,
+    RestoreWindow,
+    ServerInfo,
+    ServerPlatform,
+)
+
+log = logging.getLogger("dr.azure.servers")
+
+PASSWORD_ENV = "DR_AZURE_PG_PASSWORD"
+PG_PORT = 5432
+REVIVE_WINDOW = timedelta(days=5)
+#: Azure can restore up to a few minutes before now; ask for no later than this.
+RESTORE_LAG = timedelta(minutes=5)
+#: A recorded operation for other parameters older than this is taken as abandoned.
+STALE_OPERATION = timedelta(days=1)
+TAG_REVIVED_FROM = "dr-revived-from-drop-utc"
+PROVIDER_PATH = "providers/Microsoft.DBforPostgreSQL/flexibleServers"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_TRANSITIONAL = {"Provisioning", "Starting", "Updating", "Restarting"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _value(v: Any) -> Any:
+    """The plain value of an SDK enum member (which is also a `str`), or `v` itself."""
+    return getattr(v, "value", v)
+
+
+def _as_utc(when: datetime, what: str = "the restore time") -> datetime:
+    if not isinstance(when, datetime):
+        raise InvalidRestoreTime(f"{what} must be a datetime, not {type(when).__name__}")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidRestoreTime(f"{what} must carry a time zone (UTC), got the naive time {when.isoformat()}")
+    return when.astimezone(timezone.utc)
+
+
+def _aware(when: datetime | None) -> datetime | None:
+    """`when` in UTC (a naive time from Azure is UTC)."""
+    if when is None:
+        return None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def _settings_of(server: pg.Server) -> dict[str, Any]:
+    """The settings of a server that a re-creation or a revive needs, as REST JSON."""
+    def rest(model: Any) -> dict[str, Any] | None:
+        return model.as_dict() if model is not None else None
+
+    return {
+        "location": server.location,
+        "sku": rest(server.sku),
+        "version": _value(server.version),
+        "storage": rest(server.storage),
+        "network": rest(server.network),
+        "backup": rest(server.backup),
+        "highAvailability": rest(server.high_availability),
+        "availabilityZone": server.availability_zone,
+        "tags": dict(server.tags or {}),
+    }
+
+
+def _network_to_copy(network: dict[str, Any] | pg.Network | None) -> pg.Network | None:
+    """The VNet settings a new server needs to land next to the old one (None: public)."""
+    if network is None:
+        return None
+    n = network.as_dict() if isinstance(network, pg.Network) else dict(network)
+    keep = {k: n[k] for k in ("delegatedSubnetResourceId", "privateDnsZoneArmResourceId") if n.get(k)}
+    if not keep and n.get("publicNetworkAccess"):
+        keep["publicNetworkAccess"] = n["publicNetworkAccess"]
+    return pg.Network(keep) if keep else None
+
+
+def build_management_client(credential: Any, subscription_id: str, *, base_url: str | None = None,
+                            polling_interval: float = 30, retry_total: int = 6, retry_backoff_factor: float = 1.0,
+                            retry_backoff_max: float = 60, **client_kwargs: Any) -> PostgreSQLManagementClient:
+    """The management client with this tool's retry policy.
+
+    Args:
+        credential: an azure-identity credential (built by the caller, at the edge).
+        subscription_id: the subscription that holds the servers.
+        base_url: the ARM endpoint; None for the public cloud's.
+        polling_interval: seconds between polls of a long-running operation when Azure
+            sends no `Retry-After`.
+        retry_total: how many times a throttled (429) or transient (408/5xx) answer is retried.
+        retry_backoff_factor: the exponential back-off base, in seconds, when Azure sends
+            no `Retry-After` (which is always honoured).
+        retry_backoff_max: the longest back-off between two tries, in seconds.
+        **client_kwargs: passed to the SDK client (e.g. `connection_verify`, `transport`).
+    """
+    client_kwargs.setdefault("connection_timeout", 30)
+    client_kwargs.setdefault("read_timeout", 120)
+    retry = RetryPolicy(retry_total=retry_total, retry_backoff_factor=retry_backoff_factor,
+                        retry_backoff_max=retry_backoff_max)
+    return PostgreSQLManagementClient(credential, subscription_id, base_url=base_url,
+                                      polling_interval=polling_interval, retry_policy=retry, **client_kwargs)
+
+
+class AzureServers(ServerPlatform):
+    """`ServerPlatform` on Azure Database for PostgreSQL flexible servers in one resource group.
+
+    Args:
+        client: the management client (see `build_management_client`).
+        subscription_id: the subscription that holds the resource group.
+        resource_group: the resource group of the servers.
+        admin_user: the administrator login of the servers (and of servers created here).
+        default_template: the server whose settings `create_server` copies when no `like`
+            is given (the target's own server).
+        state_dir: where the operation and dropped-server records live
+            (default `$DR_AZURE_STATE_DIR` or `~/.dr`).
+        progress_interval: seconds between two progress log lines while waiting.
+    """
+
+    name = "azure"
+
+    def __init__(self, client: PostgreSQLManagementClient, subscription_id: str, resource_group: str, *,
+                 admin_user: str = "dradmin", default_template: str | None = None,
+                 state_dir: Path | None = None, progress_interval: float = 30.0):
+        self.client = client
+        self.subscription_id = subscription_id
+        self.resource_group = resource_group
+        self.admin_user = admin_user
+        self.default_template = default_template
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.operations = OperationLog(self.state_dir)
+        self.dropped = DroppedLog(self.state_dir)
+        self.progress_interval = progress_interval
+
+    def __repr__(self) -> str:
+        return f"AzureServers(resource_group={self.resource_group!r})"
+
+    # --- helpers --------------------------------------------------------------------
+
+    def resource_id(self, name: str) -> str:
+        """The ARM resource id of a server in this resource group."""
+        return f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}/{PROVIDER_PATH}/{name}"
+
+    def _error(self, exc: Exception, *, server: str | None, doing: str) -> DrError:
+        """Our error for an SDK failure (the caller chains it with `from exc`).
+
+        Args:
+            exc: what the SDK raised.
+            server: the server concerned, if any.
+            doing: what was being done, as a noun phrase ("reading server 'x'").
+        """
+        first_line = (getattr(exc, "message", None) or str(exc)).splitlines()[0]
+        if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
+            return PlatformError(
+                f"{doing} failed: cannot get an Azure token ({first_line}); sign in (`az login`), or set the "
+                "AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET or workload identity variables",
+                server=server)
+        if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+            return TransientPlatformError(f"{doing} failed: could not reach Azure ({first_line})", server=server)
+        if isinstance(exc, HttpResponseError):
+            status = exc.status_code or 0
+            err = exc.error
+            code = (err.code if err is not None else None) or ""
+            text = (err.message if err is not None else None) or exc.reason or first_line
+            detail = f"{code}: {text}" if code else str(text)
+            if status == 404:
+                return ServerNotFound(f"server '{server}' does not exist in resource group "
+                                      f"'{self.resource_group}' ({detail})", server=server)
+            if status == 409 and "exist" in code.lower():
+                return ServerExists(f"{doing} failed: server '{server}' already exists ({detail})", server=server)
+            if status in (408, 429) or status >= 500:
+                return TransientPlatformError(f"{doing} failed after retries: Azure answered HTTP {status} ({detail})",
+                                              server=server)
+            if status in (401, 403):
+                return PlatformError(
+                    f"{doing} was not allowed (HTTP {status}, {detail}); the identity needs the roles listed "
+                    f"in docs/azure.md on resource group '{self.resource_group}'", server=server)
+            if status < 400:  # a long-running operation that ended as Failed or Canceled
+                return PlatformError(f"{doing} failed in Azure: {first_line}", server=server)
+            return PlatformError(f"{doing} was refused by Azure (HTTP {status}, {detail})", server=server)
+        if isinstance(exc, AzureError):
+            return PlatformError(f"{doing} failed: {first_line}", server=server)
+        return PlatformError(f"{doing} failed unexpectedly: {exc}", server=server)
+
+    def _get(self, name: str) -> pg.Server:
+        try:
+            return self.client.servers.get(self.resource_group, name)
+        except (HttpResponseError, AzureError) as exc:
+            raise self._error(exc, server=name, doing=f"reading server '{name}'") from exc
+
+    def _find(self, name: str) -> pg.Server | None:
+        try:
+            return self._get(name)
+        except ServerNotFound:
+            return None
+
+    def _info(self, s: pg.Server) -> ServerInfo:
+        version = str(_value(s.version) or "0").split(".")[0]
+        created = _aware(s.system_data.created_at) if s.system_data and s.system_data.created_at else _EPOCH
+        return ServerInfo(
+            name=s.name or "",
+            state=str(_value(s.state) or "Unknown"),
+            version=int(version) if version.isdigit() else 0,
+            host=s.fully_qualified_domain_name or "",
+            port=PG_PORT,
+            created_at=created,
+            tags=dict(s.tags or {}),
+        )
+
+    def _admin_password(self) -> str:
+        password = os.environ.get(PASSWORD_ENV)
+        if not password:
+            raise ConfigError(f"set {PASSWORD_ENV} to the administrator password of the Azure PostgreSQL servers",
+                              field=PASSWORD_ENV, source="environment")
+        register_secret(password)
+        return password
+
+    # --- long-running operations ----------------------------------------------------
+
+    def _wait(self, poller: LROPoller, *, what: str, server: str, timeout: float) -> Any:
+        """Wait for an operation with a deadline, logging progress; raises our errors."""
+        start = time.monotonic()
+        deadline = start + timeout
+        try:
+            while not poller.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise OperationTimedOut(
+                        f"{what} did not finish within {timeout:g} s (Azure status: {poller.status()})",
+                        server=server,
+                        world_state=f"Azure is still working on it; the operation is recorded in "
+                                    f"{self.operations.path}",
+                        resume_hint="run the same command again: it re-attaches to the running operation",
+                    )
+                poller.wait(min(remaining, self.progress_interval))
+                if not poller.done():
+                    log.info("%s: still %s after %.0f s (timeout %.0f s)", what, poller.status(),
+                             time.monotonic() - start, timeout)
+            return poller.result()
+        except (HttpResponseError, AzureError) as exc:
+            raise self._error(exc, server=server, doing=what) from exc
+
+    def _record(self, name: str, poller: LROPoller, operation: str, fingerprint: dict[str, Any]) -> None:
+        self.operations.put(self.resource_id(name), {
+            "operation": operation,
+            "fingerprint": fingerprint,
+            "server": name,
+            "token": poller.continuation_token(),
+            "started_at": utcnow().isoformat(),
+        })
+
+    def _reattach(self, name: str, operation: str, fingerprint: dict[str, Any]) -> LROPoller | None:
+        """The poller of a recorded operation for the same request, or None when there is none.
+
+        Raises:
+            ServerExists: a recent operation for OTHER parameters is recorded for this server.
+        """
+        rid = self.resource_id(name)
+        entry = self.operations.get(rid)
+        if not entry:
+            return None
+        if entry.get("operation") != operation or entry.get("fingerprint") != fingerprint:
+            started = datetime.fromisoformat(entry["started_at"])
+            if utcnow() - started > STALE_OPERATION:
+                log.warning("forgetting the %s of %s recorded at %s: it is older than %s", entry.get("operation"),
+                            name, entry["started_at"], STALE_OPERATION)
+                self.operations.remove(rid)
+                return None
+            raise ServerExists(
+                f"server '{name}' has another unfinished operation ({entry.get('operation')} "
+                f"{entry.get('fingerprint')}, started {entry['started_at']})",
+                server=name, world_state=f"that operation is recorded in {self.operations.path}",
+                resume_hint="re-run the command that started it, or choose another server name")
+        log.info("re-attaching to the %s of %s started at %s", operation, name, entry["started_at"])
+        try:
+            if operation == "delete":
+                return self.client.servers.begin_delete(self.resource_group, name, continuation_token=entry["token"])
+            return self.client.servers.begin_create_or_update(self.resource_group, name, {},
+                                                              continuation_token=entry["token"])
+        except (HttpResponseError, AzureError, ValueError) as exc:
+            log.warning("cannot re-attach to the recorded %s of %s (%s); forgetting it", operation, name, exc)
+            self.operations.remove(rid)
+            return None
+
+    def _finish_recorded(self, name: str, operation: str, fingerprint: dict[str, Any], what: str,
+                         timeout: float) -> bool:
+        """Re-attach to and finish a recorded operation; False when there was none to finish."""
+        poller = self._reattach(name, operation, fingerprint)
+        if poller is None:
+            return False
+        rid = self.resource_id(name)
+        try:
+            self._wait(poller, what=what, server=name, timeout=timeout)
+        except ServerNotFound:
+            # the operation's status URL is gone (expired): fall back to looking at the server
+            log.warning("the recorded %s of %s is no longer known to Azure; forgetting it", operation, name)
+            self.operations.remove(rid)
+            return False
+        except OperationTimedOut:
+            raise
+        except DrError:
+            self.operations.remove(rid)
+            raise
+        self.operations.remove(rid)
+        return True
+
+    def _create(self, name: str, body: pg.Server, *, operation: str, fingerprint: dict[str, Any], what: str,
+                timeout: float) -> ServerInfo:
+        """Start a server-creating operation, record it at once, and wait for it."""
+        rid = self.resource_id(name)
+        try:
+            poller = self.client.servers.begin_create_or_update(self.resource_group, name, body)
+        except (HttpResponseError, AzureError) as exc:
+            raise self._error(exc, server=name, doing=what) from exc
+        self._record(name, poller, operation, fingerprint)
+        log.info("%s: accepted by Azure; waiting up to %.0f s", what, timeout)
+        try:
+            self._wait(poller, what=what, server=name, timeout=timeout)
+        except OperationTimedOut:
+            raise
+        except DrError:
+            self.operations.remove(rid)
+            raise
+        self.operations.remove(rid)
+        return self.get_server(name)
+
+    def _create_idempotently(self, name: str, *, operation: str, fingerprint: dict[str, Any],
+                             matches: Callable[[ServerInfo], bool], build: Callable[[], pg.Server],
+                             what: str, timeout: float) -> ServerInfo:
+        """Re-attach, or reuse a matching server, or else create one; never two operations."""
+        # 1. an operation for this very request recorded by an earlier run: finish it
+        if self._finish_recorded(name, operation, fingerprint, what, timeout):
+            return self._ensure_ready(self.get_server(name), timeout)
+        # 2. the server exists: reuse it only when its tags say it is what was asked for
+        existing = self._find(name)
+        if existing is not None:
+            info = self._info(existing)
+            if matches(info):
+                log.info("%s: server %s already exists with the same source and time; reusing it", what, name)
+                return self._ensure_ready(info, timeout)
+            raise ServerExists(f"{what} is not possible: server '{name}' exists and is not the result of this "
+                               f"request (tags {info.tags})", server=name)
+        # 3. validate and build the request before anything is sent, then start it
+        body = build()
+        try:
+            return self._create(name, body, operation=operation, fingerprint=fingerprint, what=what, timeout=timeout)
+        except ServerExists:
+            # a retried PUT whose first answer was lost conflicts with our own server: take it up
+            existing = self._find(name)
+            if existing is not None and matches(self._info(existing)):
+                log.info("%s: Azure already accepted this request; waiting for server %s", what, name)
+                return self._ensure_ready(self._info(existing), timeout)
+            raise
+
+    def _ensure_ready(self, info: ServerInfo, timeout: float) -> ServerInfo:
+        """Start a stopped server, or wait for one that is still being made."""
+        if info.state == "Stopped":
+            return self.start_server(info.name, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while info.state in _TRANSITIONAL:
+            if time.monotonic() >= deadline:
+                raise OperationTimedOut(f"server '{info.name}' is still {info.state} after {timeout:.0f} s",
+                                        server=info.name, resume_hint="run the same command again later")
+            time.sleep(min(self.progress_interval, max(0.0, deadline - time.monotonic())))
+            info = self.get_server(info.name)
+            log.info("server %s is %s", info.name, info.state)
+        return info
+
+    # --- ServerPlatform -------------------------------------------------------------
+
+    def get_server(self, name: str) -> ServerInfo:
+        """The server; raises `ServerNotFound`."""
+        return self._info(self._get(name))
+
+    def list_servers(self) -> list[ServerInfo]:
+        """Every flexible server in the resource group."""
+        try:
+            return [self._info(s) for s in self.client.servers.list_by_resource_group(self.resource_group)]
+        except (HttpResponseError, AzureError) as exc:
+            doing = f"listing the servers of resource group '{self.resource_group}'"
+            raise self._error(exc, server=None, doing=doing) from exc
+
+    def start_server(self, name: str, *, timeout: float = 1800) -> ServerInfo:
+        """Start a stopped server and wait until it is ready."""
+        what = f"start of server '{name}'"
+        try:
+            poller = self.client.servers.begin_start(self.resource_group, name)
+        except (HttpResponseError, AzureError) as exc:
+            raise self._error(exc, server=name, doing=what) from exc
+        self._wait(poller, what=what, server=name, timeout=timeout)
+        return self.get_server(name)
+
+    def _template_settings(self, name: str) -> dict[str, Any]:
+        """The settings of a server: live when it exists, else as recorded when this tool dropped it."""
+        live = self._find(name)
+        if live is not None:
+            return _settings_of(live)
+        recorded = [e for e in self.dropped.entries() if e.get("name") == name and e.get("settings")]
+        if recorded:
+            newest = max(recorded, key=lambda e: e["dropped_at"])
+            log.info("server %s is gone; using the settings recorded when it was dropped at %s", name,
+                     newest["dropped_at"])
+            return newest["settings"]
+        raise ServerNotFound(f"server '{name}' does not exist and no settings of it are recorded in "
+                             f"{self.dropped.path}", server=name)
+
+    def create_server(self, name: str, *, like: str | None = None, tags: dict[str, str] | None = None,
+                      timeout: float = 1800) -> ServerInfo:
+        """Create an empty server with the recorded settings of another.
+
+        Args:
+            name: the new server's name.
+            like: the server whose location, SKU, version, storage, network, backup and
+                high-availability settings and tags are copied (default: the target's
+                server); a server dropped by this tool is copied from its record.
+            tags: tags added to (and overriding) the copied ones.
+            timeout: seconds to wait for Azure.
+
+        Raises:
+            ServerExists: a server of that name exists.
+            ServerNotFound: `like` does not exist and nothing is recorded of it.
+            ConfigError: `DR_AZURE_PG_PASSWORD` (the admin password) is not set.
+        """
+        template = like or self.default_template
+        if not template:
+            raise InvalidInput("create_server on azure needs `like`: the server whose settings to copy")
+        fingerprint = {"like": template}
+
+        def build() -> pg.Server:
+            s = self._template_settings(template)
+            copied = {k: v for k, v in (s.get("tags") or {}).items() if not k.startswith("dr-")}
+            props = pg.ServerProperties(
+                create_mode=pg.CreateMode.CREATE,
+                version=s.get("version"),
+                administrator_login=self.admin_user,
+                administrator_login_password=self._admin_password(),
+                storage=pg.Storage(s["storage"]) if s.get("storage") else None,
+                network=pg.Network(s["network"]) if s.get("network") else None,
+                backup=pg.Backup(s["backup"]) if s.get("backup") else None,
+                high_availability=pg.HighAvailability(s["highAvailability"]) if s.get("highAvailability") else None,
+            )
+            return pg.Server(location=s["location"], tags={**copied, **(tags or {})},
+                             sku=pg.Sku(s["sku"]) if s.get("sku") else None, properties=props)
+
+        return self._create_idempotently(name, operation="create", fingerprint=fingerprint, matches=lambda i: False,
+                                         build=build, what=f"creation of server '{name}' like '{template}'",
+                                         timeout=timeout)
+
+    def delete_server(self, name: str, *, force: bool = False, timeout: float = 1800) -> None:
+        """Delete (drop) a server; succeeds if it is already gone.
+
+        Args:
+            name: the server.
+            force: also delete a server that this tool did not create (no `dr-created-by`
+                tag). Without it such a server is refused.
+            timeout: seconds to wait for Azure.
+
+        Raises:
+            PlatformError: the server was not created by this tool and `force` is not set.
+        """
+        what = f"deletion of server '{name}'"
+        recorded = self.operations.get(self.resource_id(name))
+        if recorded and recorded.get("operation") != "delete":
+            # e.g. a restore that timed out and is now being tidied up: the deletion supersedes it
+            log.warning("forgetting the unfinished %s of %s: the server is being deleted", recorded.get("operation"),
+                        name)
+            self.operations.remove(self.resource_id(name))
+        if self._finish_recorded(name, "delete", {}, what, timeout):
+            return
+        s = self._find(name)
+        if s is None:
+            log.info("server %s is already gone", name)
+            return
+        info = self._info(s)
+        if not info.created_by_us and not force:
+            raise PlatformError(
+                f"refusing to delete server '{name}': it was not created by this tool (no tag "
+                f"{TAG_CREATED_BY}={TAG_CREATED_BY_VALUE}); pass force=True to delete it anyway", server=name)
+        try:
+            poller = self.client.servers.begin_delete(self.resource_group, name)
+        except (HttpResponseError, AzureError) as exc:
+            if isinstance(exc, HttpResponseError) and exc.status_code == 404:
+                return
+            raise self._error(exc, server=name, doing=what) from exc
+        self._record(name, poller, "delete", {})
+        dropped = {"name": name, "resource_id": s.id or self.resource_id(name), "dropped_at": utcnow().isoformat(),
+                   "settings": _settings_of(s)}
+        self.dropped.add(dropped)
+        try:
+            self._wait(poller, what=what, server=name, timeout=timeout)
+        except ServerNotFound:
+            pass  # gone while we looked
+        except OperationTimedOut:
+            raise
+        except DrError:
+            self.operations.remove(self.resource_id(name))
+            self.dropped.remove(dropped["resource_id"], dropped["dropped_at"])
+            raise
+        self.operations.remove(self.resource_id(name))
+        log.info("dropped server %s (revivable until %s)", name, utcnow() + REVIVE_WINDOW)
+
+    def list_dropped_servers(self) -> list[DroppedServer]:
+        """Servers this tool dropped that are still within Azure's 5-day revive window."""
+        now = utcnow()
+        out = []
+        for e in self.dropped.entries():
+            at = datetime.fromisoformat(e["dropped_at"])
+            if at + REVIVE_WINDOW >= now:
+                out.append(DroppedServer(e["name"], at, at + REVIVE_WINDOW, e["resource_id"]))
+        return sorted(out, key=lambda d: d.dropped_at, reverse=True)
+
+    def revive_dropped_server(self, name: str, *, resource_id: str | None = None, dropped_at: datetime | None = None,
+                              location: str | None = None, timeout: float = 1800) -> ServerInfo:
+        """Bring back a dropped server with all its data (`createMode=ReviveDropped`).
+
+        Args:
+            name: the server to bring back (it gets its old name).
+            resource_id: the dropped server's resource id, for a server this tool did not
+                drop (find it in the resource group's activity log); default: the newest
+                drop of `name` recorded by this tool.
+            dropped_at: when it was dropped (needed with `resource_id` when not recorded).
+            location: its region, when not recorded (default: the region of the target's server).
+            timeout: seconds to wait for Azure.
+
+        Raises:
+            ServerNotFound: no such dropped server within the 5-day window.
+            ServerExists: a different server of that name exists.
+        """
+        entries = [e for e in self.dropped.entries()
+                   if (e["resource_id"].lower() == resource_id.lower() if resource_id else e["name"] == name)]
+        entry = max(entries, key=lambda e: e["dropped_at"]) if entries else None
+        if entry is None:
+            if resource_id is None:
+                raise ServerNotFound(
+                    f"no dropped server '{name}' is recorded in {self.dropped.path}; for a server dropped by "
+                    "someone else pass resource_id= and dropped_at= from the activity log", server=name)
+            if dropped_at is None:
+                raise InvalidInput("reviving a server this tool did not drop needs dropped_at= (from the activity log)")
+            region = location
+            if region is None:
+                try:
+                    region = self._template_settings(self.default_template or name)["location"]
+                except ServerNotFound as exc:
+                    raise InvalidInput(f"cannot tell the region of dropped server '{name}': pass location=") from exc
+            entry = {"name": name, "resource_id": resource_id, "settings": {"location": region},
+                     "dropped_at": _as_utc(dropped_at, "dropped_at").isoformat()}
+        at = datetime.fromisoformat(entry["dropped_at"])
+        if at + REVIVE_WINDOW < utcnow():
+            raise ServerNotFound(f"server '{name}' was dropped at {at.isoformat()}, more than "
+                                 f"{REVIVE_WINDOW.days} days ago; Azure can no longer revive it", server=name)
+        settings = entry.get("settings") or {}
+        rid = entry["resource_id"]
+
+        def build() -> pg.Server:
+            network = settings.get("network")
+            if network is None and self.default_template and self.default_template != name:
+                # not recorded: put it in the VNet of the target's server, where it most likely was
+                template = self._find(self.default_template)
+                network = template.network if template is not None else None
+            props = pg.ServerProperties(create_mode=pg.CreateMode.REVIVE_DROPPED, source_server_resource_id=rid,
+                                        point_in_time_utc=at, network=_network_to_copy(network))
+            tags = {**(settings.get("tags") or {}), TAG_REVIVED_FROM: at.isoformat()}
+            return pg.Server(location=location or settings["location"], tags=tags, properties=props)
+
+        info = self._create_idempotently(
+            name, operation="revive", fingerprint={"resource_id": rid, "dropped_at": at.isoformat()},
+            matches=lambda i: i.tags.get(TAG_REVIVED_FROM) == at.isoformat(), build=build,
+            what=f"revive of dropped server '{name}' (dropped {at.isoformat()})", timeout=timeout)
+        self.dropped.remove(rid, entry["dropped_at"])
+        return info
+
+    def get_restore_window(self, name: str) -> RestoreWindow:
+        """From Azure's earliest restore point of the server to five minutes ago (UTC)."""
+        return self._window_of(self._get(name))
+
+    def _window_of(self, s: pg.Server) -> RestoreWindow:
+        earliest = _aware(s.backup.earliest_restore_date) if s.backup else None
+        if earliest is None:
+            raise PlatformError(f"Azure reports no restore point for server '{s.name}' yet (a new server has none "
+                                "until its first backup)", server=s.name)
+        if earliest.microsecond:
+            earliest = earliest.replace(microsecond=0) + timedelta(seconds=1)
+        return RestoreWindow(earliest=earliest, latest=(utcnow() - RESTORE_LAG).replace(microsecond=0))
+
+    def _restore_body(self, src: pg.Server, mode: str, when: datetime, tags: dict[str, str],
+                      location: str | None = None, network: pg.Network | None = None) -> pg.Server:
+        props = pg.ServerProperties(create_mode=mode, source_server_resource_id=src.id or self.resource_id(src.name),
+                                    point_in_time_utc=when, network=network)
+        return pg.Server(location=location or src.location, tags=tags, properties=props)
+
+    def point_in_time_restore(self, source: str, new_name: str, point_in_time_utc: datetime, *,
+                              tags: dict[str, str] | None = None, timeout: float = 3600) -> ServerInfo:
+        """Restore `source` as it was at a UTC time onto a NEW server in the same VNet.
+
+        Idempotent: when `new_name` exists and its tags name the same source and time it
+        is reused; a run that crashed or timed out re-attaches to its recorded operation.
+
+        Args:
+            source: the server to restore.
+            new_name: the server to create.
+            point_in_time_utc: the time to restore to; must carry a time zone and lie in
+                the restore window.
+            tags: extra tags for the new server (ours are always added).
+            timeout: seconds to wait for Azure.
+
+        Raises:
+            InvalidRestoreTime: the time is naive or outside the restore window (checked
+                before anything is sent to Azure).
+            ServerExists: `new_name` exists and is something else.
+            OperationTimedOut: Azure did not finish in time; the operation goes on and is recorded.
+        """
+        target = _as_utc(point_in_time_utc)
+        stamp = target.isoformat()
+        what = f"point-in-time restore of '{source}' at {stamp} to '{new_name}'"
+
+        def build() -> pg.Server:
+            src = self._get(source)
+            window = self._window_of(src)
+            if not (window.earliest <= target <= window.latest):
+                raise InvalidRestoreTime(f"{stamp} is outside the restore window of '{source}': "
+                                         f"{window.earliest.isoformat()} .. {window.latest.isoformat()}")
+            all_tags = {**(tags or {}), TAG_CREATED_BY: TAG_CREATED_BY_VALUE, TAG_PURPOSE: "point-in-time-restore",
+                        TAG_SOURCE: source, TAG_RESTORE_TIME: stamp}
+            return self._restore_body(src, pg.CreateMode.POINT_IN_TIME_RESTORE, target, all_tags,
+                                      network=_network_to_copy(src.network))
+
+        return self._create_idempotently(
+            new_name, operation="point-in-time-restore", fingerprint={"source": source, "point_in_time_utc": stamp},
+            matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
+            build=build, what=what, timeout=timeout)
+
+    def geo_restore(self, source: str, new_name: str, *, location: str, point_in_time_utc: datetime | None = None,
+                    delegated_subnet_resource_id: str | None = None,
+                    private_dns_zone_arm_resource_id: str | None = None,
+                    tags: dict[str, str] | None = None, timeout: float = 3600) -> ServerInfo:
+        """Restore `source` from its geo-redundant backup onto a new server in another region.
+
+        Args:
+            source: the server to restore (created with geo-redundant backups).
+            new_name: the server to create.
+            location: the region of the new server (the source's paired region).
+            point_in_time_utc: the time to restore to (default: now; Azure takes the latest
+                geo-replicated backup).
+            delegated_subnet_resource_id: the subnet, in that region, for a VNet server.
+            private_dns_zone_arm_resource_id: the private DNS zone for a VNet server.
+            tags: extra tags for the new server.
+            timeout: seconds to wait for Azure.
+        """
+        target = _as_utc(point_in_time_utc) if point_in_time_utc else utcnow().replace(microsecond=0)
+        stamp = target.isoformat()
+        network = None
+        if delegated_subnet_resource_id or private_dns_zone_arm_resource_id:
+            network = pg.Network(delegated_subnet_resource_id=delegated_subnet_resource_id,
+                                 private_dns_zone_arm_resource_id=private_dns_zone_arm_resource_id)
+
+        def build() -> pg.Server:
+            src = self._get(source)
+            all_tags = {**(tags or {}), TAG_CREATED_BY: TAG_CREATED_BY_VALUE, TAG_PURPOSE: "geo-restore",
+                        TAG_SOURCE: source, TAG_RESTORE_TIME: stamp}
+            return self._restore_body(src, pg.CreateMode.GEO_RESTORE, target, all_tags, location=location,
+                                      network=network)
+
+        return self._create_idempotently(
+            new_name, operation="geo-restore", fingerprint={"source": source, "point_in_time_utc": stamp,
+                                                             "location": location},
+            matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
+            build=build, what=f"geo-restore of '{source}' to '{new_name}' in {location}", timeout=timeout)
+
+    def connection(self, name: str, database: str) -> ConnInfo:
+        """Connection settings for a database: the server's FQDN, TLS required, the admin login."""
+        s = self._get(name)
+        if not s.fully_qualified_domain_name:
+            raise PlatformError(f"server '{name}' has no host name yet (state {_value(s.state)})", server=name)
+        return ConnInfo(host=s.fully_qualified_domain_name, port=PG_PORT, user=self.admin_user, dbname=database,
+                        password=self._admin_password(), sslmode="require")
+
+    def preflight(self, name: str) -> list[tuple[str, bool, str]]:
+        """Checks worth doing before a restore of `name`: (check, ok, detail) for each.
+
+        Covers: the server is visible, it sits in a delegated subnet with a private DNS
+        zone (which a restore copies), Azure has a restore point, the admin password is set.
+        """
+        s = self._find(name)
+        if s is None:
+            return [("server", False, f"'{name}' not found in resource group '{self.resource_group}'")]
+        out = [("server", True, f"'{name}' is {_value(s.state)}, PostgreSQL {_value(s.version)}, in {s.location}")]
+        net = s.network
+        subnet = net.delegated_subnet_resource_id if net else None
+        dns = net.private_dns_zone_arm_resource_id if net else None
+        out.append(("delegated subnet", bool(subnet), subnet or "none: the server uses public access, and so will a "
+                    "restored one"))
+        out.append(("private DNS zone", bool(dns), dns or "none: a VNet server needs one to be found by name"))
+        earliest = s.backup.earliest_restore_date if s.backup else None
+        out.append(("restore point", earliest is not None,
+                    f"earliest {earliest.isoformat()}" if earliest else "Azure reports none yet"))
+        out.append(("admin password", bool(os.environ.get(PASSWORD_ENV)),
+                    f"{PASSWORD_ENV} is set" if os.environ.get(PASSWORD_ENV) else f"{PASSWORD_ENV} is not set"))
+        return out

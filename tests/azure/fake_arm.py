@@ -1,0 +1,388 @@
+"""A small fake of the Azure Resource Manager endpoints the flexible-server SDK calls.
+
+It serves HTTPS (the SDK's bearer-token policy refuses plain HTTP) from a thread and
+keeps servers in a dict. Implemented, with the status codes and headers ARM uses:
+
+- GET/PUT/DELETE `.../resourceGroups/{rg}/providers/Microsoft.DBforPostgreSQL/flexibleServers/{name}`
+- GET `.../flexibleServers` (list by resource group), POST `.../{name}/start`
+- PUT and DELETE answer 202 with `Azure-AsyncOperation` and `Location`; the operation
+  answers `InProgress` for `polls_to_finish` polls, then `Succeeded` (or `Failed`).
+- PUT validates like ARM does: 400 for a missing location or a restore without its
+  source/time, 409 `ServerAlreadyExists` when the name is taken, 404-ish 400 for an
+  unknown source.
+- Faults: `inject(method, path_contains, status, ...)` answers the next matching
+  requests with a canned status (429 with Retry-After, 503, 400, 404, ...).
+
+Every request is recorded with its JSON body, so tests can assert what the SDK sent.
+What is NOT faked: the SDK, its serialisation, its retry and polling policies, TLS and
+the bearer-token header are all the real ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+PROVIDER = "providers/Microsoft.DBforPostgreSQL"
+SERVER_RE = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.DBforPostgreSQL/"
+    r"flexibleServers(?:/(?P<name>[^/]+)(?:/(?P<action>start|stop|restart))?)?$", re.IGNORECASE)
+OPERATION_RE = re.compile(r"^/subscriptions/[^/]+/providers/Microsoft\.DBforPostgreSQL/locations/[^/]+/"
+                          r"(?P<kind>azureAsyncOperation|operationResults)/(?P<op>[^/]+)$", re.IGNORECASE)
+TOKEN = "test-token"
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Fault:
+    method: str
+    path_contains: str
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int = 1
+    on_hit: Any = None
+
+
+@dataclass
+class Operation:
+    id: str
+    remaining: int
+    on_success: Any
+    fail_with: dict[str, str] | None = None
+    status: str = "InProgress"
+    polls: int = 0
+
+
+class FakeArm:
+    """The fake ARM service. Start with `start()`, reset between tests with `reset()`."""
+
+    def __init__(self, cert_file: str, key_file: str):
+        self.cert_file, self.key_file = cert_file, key_file
+        self.lock = threading.RLock()
+        self.httpd: ThreadingHTTPServer | None = None
+        self.reset()
+
+    # --- control ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        with getattr(self, "lock", threading.RLock()):
+            self.servers: dict[str, dict[str, Any]] = {}  # resource id (lower) -> server JSON
+            self.dropped: dict[str, dict[str, Any]] = {}  # resource id (lower) -> last JSON
+            self.operations: dict[str, Operation] = {}
+            self.requests: list[Recorded] = []
+            self.faults: list[Fault] = []
+            self.polls_to_finish = 2
+            self.never_finish: set[str] = set()  # server names whose operations stay InProgress
+            self.fail_operations: dict[str, dict[str, str]] = {}  # server name -> error of its next operation
+            self.delete_missing_status = 404
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None
+        return f"https://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self) -> "FakeArm":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        fake = self
+
+        class Handler(_Handler):
+            arm = fake
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        threading.Thread(target=self.httpd.serve_forever, name="fake-arm", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def inject(self, method: str, path_contains: str, status: int, *, body: Any = None,
+               headers: dict[str, str] | None = None, times: int = 1, on_hit: Any = None) -> None:
+        """Answer the next `times` requests matching method and path with `status` (calling `on_hit` first)."""
+        with self.lock:
+            self.faults.append(Fault(method.upper(), path_contains, status, body, headers or {}, times, on_hit))
+
+    def finish_everything(self) -> None:
+        """Let every running operation succeed at its next poll."""
+        with self.lock:
+            self.never_finish.clear()
+            for op in self.operations.values():
+                op.remaining = 0
+
+    # --- data ---------------------------------------------------------------------
+
+    def server_id(self, sub: str, rg: str, name: str) -> str:
+        return f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.DBforPostgreSQL/flexibleServers/{name}"
+
+    def add_server(self, sub: str, rg: str, name: str, *, tags: dict[str, str] | None = None, state: str = "Ready",
+                   vnet: bool = True, location: str = "uksouth", earliest: datetime | None = None,
+                   created: datetime | None = None) -> dict[str, Any]:
+        """A server as ARM returns it (2026-10-01 API shape)."""
+        now = datetime.now(timezone.utc)
+        vnet_id = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/virtualNetworks/{rg}-vnet"
+        network: dict[str, Any] = {"publicNetworkAccess": "Disabled",
+                                   "delegatedSubnetResourceId": f"{vnet_id}/subnets/postgres",
+                                   "privateDnsZoneArmResourceId": (
+                                       f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/"
+                                       "privateDnsZones/private.postgres.database.azure.com")}
+        if not vnet:
+            network = {"publicNetworkAccess": "Enabled"}
+        doc = {
+            "id": self.server_id(sub, rg, name),
+            "name": name,
+            "type": "Microsoft.DBforPostgreSQL/flexibleServers",
+            "location": location,
+            "tags": dict(tags or {}),
+            "sku": {"name": "Standard_D2ds_v5", "tier": "GeneralPurpose"},
+            "systemData": {"createdBy": "someone@example.org", "createdAt": iso(created or now - timedelta(days=30))},
+            "properties": {
+                "administratorLogin": "dradmin",
+                "version": "16",
+                "minorVersion": "9",
+                "state": state,
+                "fullyQualifiedDomainName": f"{name}.private.postgres.database.azure.com" if vnet
+                else f"{name}.postgres.database.azure.com",
+                "storage": {"storageSizeGB": 128, "autoGrow": "Enabled", "tier": "P10", "type": "Premium_LRS",
+                            "iops": 500},
+                "backup": {"backupRetentionDays": 7, "geoRedundantBackup": "Enabled",
+                           "earliestRestoreDate": iso(earliest or now - timedelta(days=7))},
+                "network": network,
+                "highAvailability": {"mode": "ZoneRedundant", "state": "Healthy", "standbyAvailabilityZone": "2"},
+                "availabilityZone": "1",
+                "replicationRole": "Primary",
+                "replicaCapacity": 5,
+            },
+        }
+        with self.lock:
+            self.servers[doc["id"].lower()] = doc
+        return doc
+
+    def server(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            for doc in self.servers.values():
+                if doc["name"] == name:
+                    return doc
+        return None
+
+    def calls(self, method: str, path_contains: str = "") -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.method == method and path_contains.lower() in r.path.lower()]
+
+    def server_calls(self, method: str, name: str) -> list[Recorded]:
+        """Requests to exactly the server resource `name` (not its sub-resources)."""
+        with self.lock:
+            suffix = f"/flexibleservers/{name}".lower()
+            return [r for r in self.requests if r.method == method and r.path.lower().endswith(suffix)]
+
+    # --- request handling -----------------------------------------------------------
+
+    def handle(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str],
+               body: Any) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            m = OPERATION_RE.match(path)
+            if m and m.group("op") not in self.operations:
+                # a poller left running by an earlier test (before reset): answer, but keep it out of the record
+                return 404, {}, _error("OperationNotFound", f"operation {m.group('op')} not found")
+            self.requests.append(Recorded(method, path, query, headers, body))
+            if headers.get("authorization") != f"Bearer {TOKEN}":
+                return 401, {}, _error("AuthenticationFailed", "missing or wrong bearer token")
+            for f in self.faults:
+                if f.times > 0 and f.method == method and f.path_contains.lower() in path.lower():
+                    f.times -= 1
+                    if f.on_hit:
+                        f.on_hit()
+                    return f.status, dict(f.headers), f.body
+            if "api-version" not in query:
+                return 400, {}, _error("MissingApiVersionParameter", "The api-version query parameter is required")
+            m = OPERATION_RE.match(path)
+            if m and method == "GET":
+                return self._poll(m.group("kind"), m.group("op"))
+            m = SERVER_RE.match(path)
+            if not m:
+                return 404, {}, _error("InvalidResourceType", f"no such endpoint {path}")
+            sub, rg, name, action = m.group("sub"), m.group("rg"), m.group("name"), m.group("action")
+            if name is None:
+                if method != "GET":
+                    return 405, {}, _error("MethodNotAllowed", method)
+                prefix = f"/subscriptions/{sub}/resourcegroups/{rg}/".lower()
+                return 200, {}, {"value": [copy.deepcopy(d) for k, d in self.servers.items() if k.startswith(prefix)]}
+            rid = self.server_id(sub, rg, name)
+            if action:
+                return self._action(rid, name, action)
+            if method == "GET":
+                doc = self.servers.get(rid.lower())
+                if doc is None:
+                    return 404, {}, _error("ResourceNotFound", f"The Resource '{PROVIDER}/flexibleServers/{name}' "
+                                           f"under resource group '{rg}' was not found.")
+                return 200, {}, copy.deepcopy(doc)
+            if method == "PUT":
+                return self._put(sub, rg, name, rid, body)
+            if method == "DELETE":
+                return self._delete(sub, name, rid)
+            return 405, {}, _error("MethodNotAllowed", method)
+
+    def _start_operation(self, sub: str, location: str, name: str, on_success: Any) -> dict[str, str]:
+        op = Operation(uuid.uuid4().hex, self.polls_to_finish, on_success,
+                       fail_with=self.fail_operations.pop(name, None))
+        if name in self.never_finish:
+            op.remaining = 10**9
+        self.operations[op.id] = op
+        base = f"{self.url}/subscriptions/{sub}/providers/Microsoft.DBforPostgreSQL/locations/{location}"
+        return {"Azure-AsyncOperation": f"{base}/azureAsyncOperation/{op.id}?api-version=2026-10-01",
+                "Location": f"{base}/operationResults/{op.id}?api-version=2026-10-01"}
+
+    def _poll(self, kind: str, op_id: str) -> tuple[int, dict[str, str], Any]:
+        op = self.operations.get(op_id)
+        if op is None:
+            return 404, {}, _error("OperationNotFound", f"operation {op_id} not found")
+        if kind.lower() == "operationresults":
+            return (202, {}, None) if op.status == "InProgress" else (200, {}, None)
+        op.polls += 1
+        if op.status == "InProgress":
+            if op.remaining > 0:
+                op.remaining -= 1
+            elif op.fail_with:
+                op.status = "Failed"
+            else:
+                op.status = "Succeeded"
+                op.on_success()
+        doc: dict[str, Any] = {"name": op.id, "status": op.status, "startTime": iso(datetime.now(timezone.utc))}
+        if op.status == "Failed" and op.fail_with:
+            doc["error"] = op.fail_with
+        return 200, {}, doc
+
+    def _put(self, sub: str, rg: str, name: str, rid: str, body: Any) -> tuple[int, dict[str, str], Any]:
+        if not isinstance(body, dict) or not body.get("location"):
+            return 400, {}, _error("LocationRequired", "The location property is required for this definition.")
+        props = body.get("properties") or {}
+        mode = props.get("createMode", "Default")
+        if rid.lower() in self.servers and mode not in ("Default", "Update"):
+            return 409, {}, _error("ServerAlreadyExists", f"Specified server name '{name}' is already used.")
+        subnet = (props.get("network") or {}).get("delegatedSubnetResourceId", "")
+        if "missing-subnet" in subnet:
+            return 400, {}, _error("SubnetNotFound", f"The subnet '{subnet}' does not exist or is not delegated "
+                                   "to Microsoft.DBforPostgreSQL/flexibleServers.")
+        template: dict[str, Any] | None = None
+        if mode in ("PointInTimeRestore", "GeoRestore", "ReviveDropped"):
+            src, when = props.get("sourceServerResourceId"), props.get("pointInTimeUTC")
+            if not src or not when:
+                return 400, {}, _error("InvalidParameterValue", "sourceServerResourceId and pointInTimeUTC are "
+                                       f"required for createMode {mode}.")
+            pool = self.dropped if mode == "ReviveDropped" else self.servers
+            template = pool.get(src.lower())
+            if template is None:
+                return 400, {}, _error("InvalidSourceServer", f"The source server '{src}' was not found.")
+        elif mode in ("Create", "Default"):
+            if not props.get("administratorLoginPassword") or not body.get("sku"):
+                return 400, {}, _error("InvalidParameterValue", "sku and administratorLoginPassword are required.")
+        now = datetime.now(timezone.utc)
+        doc = self.add_server(sub, rg, name, location=body["location"], state="Provisioning", created=now,
+                              earliest=now)
+        if template is not None:
+            for k in ("sku",):
+                doc[k] = copy.deepcopy(template[k])
+            for k in ("version", "storage", "highAvailability"):
+                doc["properties"][k] = copy.deepcopy(template["properties"][k])
+            doc["properties"]["network"] = {"publicNetworkAccess": "Enabled"}
+        else:
+            doc["sku"] = body.get("sku", doc["sku"])
+            for k in ("version", "storage", "highAvailability", "backup"):
+                if k in props:
+                    doc["properties"][k] = {**doc["properties"].get(k, {}), **props[k]} if isinstance(props[k], dict) \
+                        else props[k]
+        if props.get("network"):
+            doc["properties"]["network"] = {"publicNetworkAccess": "Disabled", **props["network"]}
+        doc["tags"] = dict(body.get("tags") or {})
+
+        def done() -> None:
+            doc["properties"]["state"] = "Ready"
+
+        headers = self._start_operation(sub, body["location"], name, done)
+        return 202, headers, None
+
+    def _delete(self, sub: str, name: str, rid: str) -> tuple[int, dict[str, str], Any]:
+        doc = self.servers.get(rid.lower())
+        if doc is None:
+            if self.delete_missing_status == 204:
+                return 204, {}, None
+            return 404, {}, _error("ResourceNotFound",
+                                   f"The Resource '{PROVIDER}/flexibleServers/{name}' was not found.")
+        doc["properties"]["state"] = "Dropping"
+
+        def done() -> None:
+            self.servers.pop(rid.lower(), None)
+            self.dropped[rid.lower()] = doc
+
+        return 202, self._start_operation(sub, doc["location"], name, done), None
+
+    def _action(self, rid: str, name: str, action: str) -> tuple[int, dict[str, str], Any]:
+        doc = self.servers.get(rid.lower())
+        if doc is None:
+            return 404, {}, _error("ResourceNotFound", f"server {name} not found")
+
+        def done() -> None:
+            doc["properties"]["state"] = "Ready" if action in ("start", "restart") else "Stopped"
+
+        sub = rid.split("/")[2]
+        return 202, self._start_operation(sub, doc["location"], name, done), None
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    arm: FakeArm
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        pass
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        parts = urlsplit(self.path)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        status, out_headers, out = self.arm.handle(self.command, parts.path, parse_qs(parts.query), headers, body)
+        payload = b"" if out is None else json.dumps(out).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("x-ms-request-id", uuid.uuid4().hex)
+        for k, v in out_headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if payload:
+            self.wfile.write(payload)
+
+    do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = _serve

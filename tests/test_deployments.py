@@ -1,0 +1,139 @@
+"""Deployments: prefect.yaml registers every flow, a process worker runs one; the recovery lock."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect import flow
+
+from dr.runtime import Ref
+from flows.common import recovery_lock
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+ROOT = Path(__file__).resolve().parents[1]
+FLOW_MODULES = ["backup", "restore", "ptr", "maintenance", "validate", "tidy_up", "data_loss", "server_loss",
+                "nightly", "drill"]
+
+
+def spec() -> dict:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())
+
+
+def api_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_API_URL=PREFECT_API_URL.value(), DR_HOME=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=ROOT, env=api_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class TestPrefectYaml:
+    def test_every_flow_has_a_deployment_whose_entrypoint_loads(self):
+        from prefect import Flow
+
+        deployed = set()
+        for d in spec()["deployments"]:
+            path, fn = d["entrypoint"].split(":")
+            mod = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+            obj = getattr(mod, fn)
+            assert isinstance(obj, Flow), d["entrypoint"]
+            assert d["parameters"]["service"] == "apply" and d["work_pool"]["name"] == "dr"
+            deployed.add(obj.name)
+        flows_found = {getattr(importlib.import_module(f"flows.{m}"), n).name
+                       for m in FLOW_MODULES for n in dir(importlib.import_module(f"flows.{m}"))
+                       if isinstance(getattr(importlib.import_module(f"flows.{m}"), n), Flow)}
+        assert flows_found <= deployed, flows_found - deployed
+
+    def test_schedules_keep_away_from_the_clock_change_hour(self):
+        scheds = {d["entrypoint"]: d.get("schedules", []) for d in spec()["deployments"]}
+        nightly = scheds["flows/nightly.py:nightly_backup"][0]
+        drill = scheds["flows/drill.py:dr_drill"][0]
+        assert nightly == {"cron": "0 4 * * *", "timezone": "Europe/London"}
+        assert drill["cron"] == "0 10 1-7 * 2" and drill["day_or"] is False and drill["timezone"] == "Europe/London"
+        for s in (nightly, drill):
+            hour = int(s["cron"].split()[1])
+            assert hour not in (1, 2)
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    r = cli("work-pool", "create", "dr", "--type", "process", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    r = cli("deploy", "--all", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+class TestRegisteredDeployments:
+    def test_deploy_all_registers_every_deployment_with_its_schedule(self, deployed):
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            deps = client.read_deployments()
+            names = {(client.read_flow(d.flow_id).name, d.name) for d in deps}
+            assert ("data-loss", "apply-development") in names and ("dr-drill", "apply-development") in names
+            assert len([n for n in names if n[1] == "apply-development"]) == len(spec()["deployments"])
+            nightly = client.read_deployment_by_name("nightly-backup/apply-development")
+            crons = [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules]
+            assert crons == [("0 4 * * *", "Europe/London")]
+            dl = client.read_deployment_by_name("data-loss/apply-development")
+            assert dl.concurrency_limit == 1 or (dl.global_concurrency_limit and dl.global_concurrency_limit.limit == 1)
+
+    def test_a_deployment_run_executes_on_a_process_worker(self, deployed, live_env):
+        from prefect.deployments import run_deployment
+
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "dr",
+                                   "--limit", "2"], cwd=ROOT, env=api_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            run = run_deployment("validate-service/apply-development",
+                                 parameters={"config_path": live_env.config_path}, timeout=240)
+            assert run.state.is_completed(), run.state
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                arts = client.read_artifacts()
+            assert any(a.key == "validation-apply-development" for a in arts)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+
+
+@flow
+def _hold(service: str, environment: str, seconds: float) -> tuple[float, float]:
+    with recovery_lock(Ref(service, environment)):
+        start = time.monotonic()
+        time.sleep(seconds)
+        return start, time.monotonic()
+
+
+def test_one_recovery_per_environment_at_a_time():
+    results: dict[str, tuple[float, float]] = {}
+
+    def go(key, env):
+        results[key] = _hold("apply", env, 3)
+
+    threads = [threading.Thread(target=go, args=(k, e)) for k, e in
+               (("dev-1", "development"), ("dev-2", "development"), ("prod", "production"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    a, b, p = results["dev-1"], results["dev-2"], results["prod"]
+    first, second = sorted([a, b])
+    assert second[0] >= first[1] - 0.05, "two recoveries of the same environment overlapped"
+    assert p[0] < max(a[1], b[1]) and p[1] > min(a[0], b[0]), "another environment should run in parallel"

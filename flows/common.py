@@ -121,3 +121,21 @@ class Timeline:
     def as_dict(self) -> list[dict[str, Any]]:
         return [{"step": e.step, "started": e.started.isoformat(), "ended": e.ended.isoformat() if e.ended else None,
                  "outcome": e.outcome, "detail": e.detail} for e in self.events]
+
+
+def validate_step(ref: Ref, timeline: "Timeline") -> datetime:
+    """The runbook's "validate app" step: run the checks, fail the flow if a required one fails.
+
+    Returns:
+        When the service was validated (the end of the RTO clock).
+    """
+    from dr.errors import ValidationFailed
+    from tasks.validation import run_service_checks
+
+    with timeline.step("validate") as ev:
+        results = run_service_checks(ref)
+        failed = [r.name for r in results if r.required and not r.passed]
+        ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
+        if failed:
+            raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
+    return datetime.now(timezone.utc)

@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 
 from prefect import flow
 
-from dr.errors import DrError, InvalidInput, ValidationFailed
+from dr.errors import DrError, InvalidInput
 from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT, TAG_RESTORE_TIME, TAG_SOURCE
 from dr.runtime import Ref
 from dr.timeparse import check_in_window, fmt_both, parse_restore_time
 from flows.approval import approve, ask_restore_time, check_auto_approve
-from flows.common import Timeline, recovery_lock, run_logger
+from flows.common import Timeline, recovery_lock, run_logger, validate_step
 from flows.plan import plan_data_loss, publish_plan
 from flows.ptr import ptr_server_name
 from tasks.backups import backup_database_task, find_incident_backup
@@ -30,7 +30,6 @@ from tasks.maintenance import disable_maintenance, enable_maintenance, scale_dow
 from tasks.notifications import flow_run_link, notify
 from tasks.reports import publish_report
 from tasks.servers import delete_server_task, get_restore_window_task, list_servers_task, point_in_time_restore_task
-from tasks.validation import run_service_checks
 
 
 def _existing_ptr_server(ref: Ref, incident: str):
@@ -198,13 +197,7 @@ def data_loss(
                 replicas = scale_up_app(ref)  # users still see the maintenance page; the temporary URL reaches the app
                 ev.detail = f"replicas {replicas}; check it at {status.temp_url}"
 
-            with timeline.step("validate") as ev:
-                results = run_service_checks(ref)
-                failed = [r.name for r in results if r.required and not r.passed]
-                ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
-                if failed:
-                    raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
-                record.validated = datetime.now(timezone.utc)
+            record.validated = validate_step(ref, timeline)
 
             decision = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve,
                                timeout_minutes=timeout, resume=resume,

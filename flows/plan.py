@@ -81,7 +81,7 @@ def plan_data_loss(ref: Ref, restore_time: str | None, zone: str | None) -> Plan
         plan.blockers.append(str(exc))
     plan.facts["backup store"] = repr(rt.store)
     plan.steps = [
-        f"stop the app at once (web and worker to 0, counts recorded) and show the maintenance page",
+        "stop the app at once (web and worker to 0, counts recorded) and show the maintenance page",
         f"safety backup of the flawed {t.database} to the store (kind pre-restore-safety), kept for reconciliation",
         "take the restore time (UK time; refused if ambiguous, skipped, in the future or outside the window)",
         f"point-in-time restore of {t.server} onto a NEW server",

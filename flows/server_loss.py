@@ -14,12 +14,12 @@ from typing import Literal
 
 from prefect import flow
 
-from dr.errors import DrError, InvalidInput, ValidationFailed
+from dr.errors import DrError, InvalidInput
 from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT
 from dr.runtime import Ref
 from flows.approval import approve, ask_recovery_choice, check_auto_approve
-from flows.common import Timeline, recovery_lock, run_logger
+from flows.common import Timeline, recovery_lock, run_logger, validate_step
 from flows.plan import plan_server_loss, publish_plan
 from tasks.backups import find_backup
 from tasks.database import database_exists_task, restore_backup_task
@@ -27,7 +27,6 @@ from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_
 from tasks.notifications import flow_run_link, notify
 from tasks.reports import publish_report
 from tasks.servers import get_server_task, list_dropped_servers_task, recreate_server_task, revive_server_task
-from tasks.validation import run_service_checks
 
 NIGHTLY_KINDS = ("nightly",)
 
@@ -144,13 +143,7 @@ def server_loss(
             else:
                 record.facts["data loss"] = "none: the revived server keeps all committed data"
 
-            with timeline.step("validate") as ev:
-                results = run_service_checks(ref)
-                failed = [r.name for r in results if r.required and not r.passed]
-                ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
-                if failed:
-                    raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
-                record.validated = datetime.now(timezone.utc)
+            record.validated = validate_step(ref, timeline)
 
             d = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve, timeout_minutes=timeout,
                         resume=resume, what=f"service validated on the {how} server; send users back")

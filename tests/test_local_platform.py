@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import httpx
 import pytest

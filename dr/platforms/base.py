@@ -11,7 +11,7 @@ import abc
 import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 from dr.commands import ConnInfo
 
@@ -165,6 +165,23 @@ class BackupWriter(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Discard everything staged."""
+
+
+def verify_digest(info: BackupInfo, bytes_read: int, sha256_hex: str) -> None:
+    """Raise `BackupCorrupted` unless what was read matches the size and sha256 recorded at backup time.
+
+    Backups not made by us carry no checksum: the format's own checks (gzip CRC, pg_restore) are all there is.
+    """
+    from dr.errors import BackupCorrupted
+
+    if info.sha256 is None:
+        return
+    if bytes_read != info.size or sha256_hex != info.sha256:
+        raise BackupCorrupted(
+            f"backup '{info.name}' is corrupted: read {bytes_read} bytes with sha256 {sha256_hex[:16]}…, "
+            f"expected {info.size} bytes with {info.sha256[:16]}…",
+            backup=info.name,
+        )
 
 
 class BackupReader(abc.ABC):

@@ -50,7 +50,7 @@ from dr.errors import (
     InvalidInput,
     TransientPlatformError,
 )
-from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter
+from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter, verify_digest
 from dr.platforms.local.store import META_SUFFIX, check_backup_name
 
 log = logging.getLogger("dr.azure.store")
@@ -235,14 +235,7 @@ class _AzureReader(BackupReader):
     def verify(self) -> None:
         if self.buffer or self._fill():
             raise BackupCorrupted(f"backup '{self.info.name}' was not read to the end", backup=self.info.name)
-        if self.info.sha256 is None:
-            return  # not made by us: the format's own checks (gzip CRC, pg_restore) are all there is
-        if self.bytes_read != self.info.size or self.hash.hexdigest() != self.info.sha256:
-            raise BackupCorrupted(
-                f"backup '{self.info.name}' is corrupted: read {self.bytes_read} bytes with sha256 "
-                f"{self.hash.hexdigest()[:16]}…, expected {self.info.size} bytes with {self.info.sha256[:16]}…",
-                backup=self.info.name,
-            )
+        verify_digest(self.info, self.bytes_read, self.hash.hexdigest())
 
     def close(self) -> None:
         self.eof = True

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dr.errors import BackupCorrupted, BackupError, BackupExists, BackupNotFound, InvalidInput
-from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter
+from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter, verify_digest
 
 META_SUFFIX = ".meta.json"
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$"
@@ -123,14 +123,7 @@ class _LocalReader(BackupReader):
     def verify(self) -> None:
         if self.fh.read(1):
             raise BackupCorrupted(f"backup '{self.info.name}' was not read to the end", backup=self.info.name)
-        if self.info.sha256 is None:
-            return  # not made by us: the format's own checks (gzip CRC, pg_restore) are all there is
-        if self.bytes_read != self.info.size or self.hash.hexdigest() != self.info.sha256:
-            raise BackupCorrupted(
-                f"backup '{self.info.name}' is corrupted: read {self.bytes_read} bytes with sha256 "
-                f"{self.hash.hexdigest()[:16]}…, expected {self.info.size} bytes with {self.info.sha256[:16]}…",
-                backup=self.info.name,
-            )
+        verify_digest(self.info, self.bytes_read, self.hash.hexdigest())
 
     def close(self) -> None:
         self.fh.close()

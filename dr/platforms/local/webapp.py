@@ -29,6 +29,12 @@ import psycopg
 
 log = logging.getLogger("dr.local.webapp")
 
+#: exact row count of every user table
+COUNTS_SQL = """
+    SELECT relname, (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I',
+           schemaname, relname), false, true, '')))[1]::text::bigint
+    FROM pg_stat_user_tables ORDER BY 1"""
+
 MAINTENANCE_PAGE = """<!doctype html><html><head><title>Service unavailable</title></head>
 <body><h1>Sorry, the service is unavailable</h1>
 <p>We are carrying out maintenance. You will be able to use the service later.</p></body></html>"""
@@ -73,20 +79,14 @@ def web_app(files: AppFiles):
 
     async def counts(request):
         try:
-            rows = await asyncio.to_thread(query, """
-                SELECT relname, (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I',
-                       schemaname, relname), false, true, '')))[1]::text::bigint
-                FROM pg_stat_user_tables ORDER BY 1""")
+            rows = await asyncio.to_thread(query, COUNTS_SQL)
         except Exception as exc:
             return JSONResponse({"error": type(exc).__name__}, 503)
         return JSONResponse(dict(rows))
 
     async def index(request):
         try:
-            counts_rows = await asyncio.to_thread(query, """
-                SELECT relname, (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I',
-                       schemaname, relname), false, true, '')))[1]::text::bigint
-                FROM pg_stat_user_tables ORDER BY 1""")
+            counts_rows = await asyncio.to_thread(query, COUNTS_SQL)
             latest = await asyncio.to_thread(query, """
                 SELECT a.id, c.first_name || ' ' || c.last_name, co.title, a.status, a.updated_at
                 FROM applications a JOIN candidates c ON c.id = a.candidate_id JOIN courses co ON co.id = a.course_id

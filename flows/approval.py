@@ -117,7 +117,9 @@ def approve(ref: Ref, timeline: Timeline, *, gate: str, what: str, auto_approve:
     for attempt in range(1, MAX_ASKS + 1):
         log.warning("APPROVAL NEEDED (%s): %s — approve in the Prefect UI or with: dr approve <flow-run-id>", gate, what)
         try:
-            answer = pause_flow_run(wait_for_input=Approval, timeout=timeout_minutes * 60, poll_interval=_poll(),
+            form = Approval.with_initial_data(
+                description=f"**{gate}**\n\n{what}" + (f"\n\nType `{ref.environment}` to approve." if production else ""))
+            answer = pause_flow_run(wait_for_input=form, timeout=timeout_minutes * 60, poll_interval=_poll(),
                                     key=_key(f"{gate}-{attempt}"))
         except FlowPauseTimeout as exc:
             timeline.record(f"approval: {gate}", "TIMED OUT", what)

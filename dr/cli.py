@@ -461,6 +461,19 @@ def retention_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvO
     _run(body)
 
 
+@app.command("automations")
+def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY.")) -> None:
+    """Register the Prefect automations (runs whose worker died are marked Crashed)."""
+
+    def body() -> None:
+        from deployments.automations import ensure_automations
+
+        made = ensure_automations(heartbeat_seconds)
+        output.say("created: " + ", ".join(made) if made else "automations already registered")
+
+    _run(body)
+
+
 def _prefect_defaults() -> None:
     """Without a Prefect server configured, keep Prefect's state beside the local platform's."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -137,3 +137,16 @@ def test_one_recovery_per_environment_at_a_time():
     first, second = sorted([a, b])
     assert second[0] >= first[1] - 0.05, "two recoveries of the same environment overlapped"
     assert p[0] < max(a[1], b[1]) and p[1] > min(a[0], b[0]), "another environment should run in parallel"
+
+
+def test_zombie_runs_automation_is_registered_once():
+    from prefect.automations import Automation
+
+    from deployments.automations import ZOMBIE_AUTOMATION, ensure_automations
+
+    assert ensure_automations(heartbeat_seconds=60) == [ZOMBIE_AUTOMATION]
+    assert ensure_automations(heartbeat_seconds=60) == []
+    a = Automation.read(name=ZOMBIE_AUTOMATION)
+    assert a.trigger.posture.value == "Proactive" and a.trigger.within.total_seconds() == 180
+    assert a.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert a.actions[0].type == "change-flow-run-state" and a.actions[0].state.value == "CRASHED"

@@ -1,0 +1,1 @@
+"""Deployment-side setup that prefect.yaml cannot declare: the automations."""

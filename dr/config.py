@@ -162,6 +162,8 @@ class LocalSettings(_Strict):
     pg_bin_dir: Path | None = None
     dropped_retention_days: int = Field(default=5, ge=0)
     archive_timeout_seconds: int = Field(default=60, ge=1)
+    #: durable writes (initdb, base backups, the server's fsync); only test suites turn this off
+    fsync: bool = True
 
 
 class Notifications(_Strict):

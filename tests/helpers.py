@@ -23,6 +23,7 @@ timezone = "Europe/London"
 [local]
 state_dir = "{state_dir}"
 archive_timeout_seconds = 30
+fsync = false          # test speed only, as PostgreSQL's own suites do
 
 [services.apply.environments.development]
 platform = "local"

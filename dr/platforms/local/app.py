@@ -96,10 +96,10 @@ class LocalApp(AppControl):
     def _apply(self, app: dict[str, Any]) -> None:
         """Make the running processes match the record."""
         pids = app.setdefault("pids", {})
+        router_started = False
         if not self._alive(pids.get("router"), "router"):
             pids["router"] = self._spawn("router")
-            self._save(app)
-            self._wait_http(app["main_port"])
+            router_started = True
         for role in ROLES:
             want = app["replicas"][role]
             running = self._alive(pids.get(role), role)
@@ -109,6 +109,8 @@ class LocalApp(AppControl):
                 self._kill(pids.get(role), role)
                 pids[role] = None
         self._save(app)
+        if router_started:
+            self._wait_http(app["main_port"])
         if app["replicas"]["web"]:
             self._wait_http(app["web_port"])
 
@@ -131,8 +133,12 @@ class LocalApp(AppControl):
         if not self.json.exists():
             return
         app = self._load()
+        pids = app.get("pids", {})
+        for role in ("router", *ROLES):  # all at once, then wait for each
+            if self._alive(pids.get(role), role):
+                os.kill(pids[role], signal.SIGTERM)
         for role in ("router", *ROLES):
-            self._kill(app.get("pids", {}).get(role), role)
+            self._kill(pids.get(role), role)
         app["pids"] = {}
         self._save(app)
 

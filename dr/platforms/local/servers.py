@@ -95,11 +95,12 @@ class LocalServers(ServerPlatform):
     name = "local"
 
     def __init__(self, state_dir: Path, tools: PgTools | None = None, *, dropped_retention_days: int = 5,
-                 archive_timeout_seconds: int = 60):
+                 archive_timeout_seconds: int = 60, fsync: bool = True):
         self.state_dir = Path(state_dir).absolute()
         self.tools = tools or PgTools.default()
         self.dropped_retention = timedelta(days=dropped_retention_days)
         self.archive_timeout = archive_timeout_seconds
+        self.fsync = fsync
         self.servers_dir = self.state_dir / "servers"
         self.dropped_dir = self.state_dir / "dropped"
         self.os_user = self._ensure_os_user()
@@ -173,14 +174,13 @@ class LocalServers(ServerPlatform):
             "max_wal_senders = 5",
             "shared_buffers = '128MB'",
             "max_wal_size = '1GB'",
-            "fsync = on",
+            f"fsync = {'on' if self.fsync else 'off'}",
             f"archive_timeout = {self.archive_timeout}",
         ]
         if archive:
-            cmd = (
-                f"test ! -f {_sh_quote(str(arch))}/%f && cp %p {_sh_quote(str(arch))}/%f.part"
-                f" && sync {_sh_quote(str(arch))}/%f.part && mv {_sh_quote(str(arch))}/%f.part {_sh_quote(str(arch))}/%f"
-            )
+            a = _sh_quote(str(arch))
+            sync = f" && sync {a}/%f.part" if self.fsync else ""
+            cmd = f"test ! -f {a}/%f && cp %p {a}/%f.part{sync} && mv {a}/%f.part {a}/%f"
             lines += ["archive_mode = on", f"archive_command = {_quote_conf(cmd)}"]
         else:
             lines += ["archive_mode = off"]
@@ -287,7 +287,8 @@ class LocalServers(ServerPlatform):
             self.tools.run(
                 "initdb",
                 ["-D", str(d / "data"), "-U", ADMIN_USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-                 "--auth-local=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums"],
+                 "--auth-local=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
+                 *([] if self.fsync else ["--no-sync"])],
                 user=self.os_user, timeout=300, env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"},
             )
         finally:
@@ -378,7 +379,8 @@ class LocalServers(ServerPlatform):
         target = d / "basebackups" / bid
         conn = self.connection(name, "postgres")
         with passfile_env(conn) as env:
-            self.tools.run("pg_basebackup", ["-D", str(target), "-Fp", "-X", "stream", "-c", "fast", "--no-password"],
+            self.tools.run("pg_basebackup", ["-D", str(target), "-Fp", "-X", "stream", "-c", "fast", "--no-password",
+                                             *([] if self.fsync else ["--no-sync"])],
                            env=env, timeout=3600)
         record = {"id": bid, "started_at": started.isoformat(), "finished_at": utcnow().isoformat(),
                   "version": self._meta(name)["version"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Literal
+from zoneinfo import ZoneInfo
 
 from prefect import flow
 
@@ -58,26 +59,42 @@ def nightly_backup(
     info = result.info
     log.info("nightly backup %s: %s bytes in %.0f s", info.name, info.size, result.seconds)
     out: dict = {"backup": info.name, "size": info.size, "seconds": result.seconds}
-    from zoneinfo import ZoneInfo
-
     sunday = datetime.now(ZoneInfo(ref.rt().target.timezone)).weekday() == 6
     if verify == "always" or (verify == "auto" and sunday):
-        scratch = None
-        try:
-            r = restore_backup_task(ref, backup=info.name, database=f"{ref.rt().target.database}_verify"[:40], swap=False)
-            scratch = r.database
-            if not r.verified_manifest:
-                raise VerificationFailed(f"backup {info.name} restored but could not be checked against a manifest")
-            out["verified"] = True
-        except DrError as exc:
-            notify(ref, "NIGHTLY BACKUP DOES NOT RESTORE", f"{info.name}: {exc}", flow_run_link())
-            raise
-        finally:
-            if scratch:
-                drop_database_task(ref, scratch)
+        out["verified"] = verify_backup(service, environment, backup=info.name, config_path=config_path)
     if prune:
         out["retention"] = apply_retention_task(ref, dry_run=False)
     return out
+
+
+@flow(name="verify-backup", log_prints=True)
+def verify_backup(service: str, environment: str, backup: str | None = None, config_path: str | None = None) -> dict:
+    """Prove a backup restores: restore it into a scratch database, check checksum and manifest, drop it.
+
+    Never touches the live database.
+
+    Args:
+        service: the service short name.
+        environment: the environment.
+        backup: the backup to test; default the newest complete nightly backup.
+        config_path: the configuration file.
+    """
+    ref = Ref(service, environment, config_path)
+    info = find_backup(ref, name=backup, kinds=None if backup else ("nightly",))
+    scratch = None
+    try:
+        r = restore_backup_task(ref, backup=info.name, database=f"{ref.rt().target.database[:40]}_verify", swap=False)
+        scratch = r.database
+        if not r.verified_manifest:
+            raise VerificationFailed(f"backup {info.name} restored but has no manifest to check it against")
+    except DrError as exc:
+        notify(ref, "BACKUP DOES NOT RESTORE", f"{info.name}: {exc}", flow_run_link())
+        raise
+    finally:
+        if scratch:
+            drop_database_task(ref, scratch)
+    run_logger().info("backup %s restores and matches its manifest", info.name)
+    return {"backup": info.name, "verified": True, "seconds": r.seconds}
 
 
 def latest_backup_age_hours(ref: Ref) -> float:

@@ -32,6 +32,11 @@ def _run(fn: Callable[[], Any]) -> Any:
     from dr.commands import install_redaction
 
     install_redaction()
+    if sys.stderr.isatty():
+        from dr.progress import GLOBAL_HOOKS, terminal_bar
+
+        if not GLOBAL_HOOKS:
+            GLOBAL_HOOKS.append(terminal_bar())
     try:
         return fn()
     except DrError as exc:

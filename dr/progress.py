@@ -11,6 +11,9 @@ log = logging.getLogger("dr.progress")
 #: called with (bytes done, estimated total or None, bytes per second)
 ProgressHook = Callable[[int, int | None, float], None]
 
+#: hooks every `Progress` also reports to (the CLI adds its progress bar here)
+GLOBAL_HOOKS: list[ProgressHook] = []
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -26,7 +29,7 @@ class Progress:
     def __init__(self, label: str, total: int | None = None, *, interval: float = 5.0,
                  hooks: list[ProgressHook] | None = None):
         self.label, self.total, self.interval = label, total, interval
-        self.hooks = list(hooks or [])
+        self.hooks = list(hooks or []) + GLOBAL_HOOKS
         self.done = 0
         self.start = time.monotonic()
         self._last = self.start
@@ -57,3 +60,23 @@ class Progress:
                 hook(self.done, self.total, self.rate())
             except Exception:  # a progress display must never break a restore
                 log.debug("progress hook failed", exc_info=True)
+
+
+def terminal_bar(stream=None, width: int = 30) -> ProgressHook:
+    """A progress bar on a terminal: `[######......]  45%  120.0 MB of ~260.0 MB  40.0 MB/s  ETA 3 s`."""
+    import sys
+
+    out = stream or sys.stderr
+
+    def hook(done: int, total: int | None, rate: float) -> None:
+        if total:
+            frac = min(1.0, done / total)
+            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+            eta = (total - done) / rate if rate > 0 and total > done else 0
+            text = f"[{bar}] {frac * 100:3.0f}%  {human_bytes(done)} of ~{human_bytes(total)}  {human_bytes(rate)}/s  ETA {eta:.0f} s"
+        else:
+            text = f"{human_bytes(done)}  {human_bytes(rate)}/s"
+        out.write("\r" + text.ljust(100))
+        out.flush()
+
+    return hook

@@ -205,3 +205,17 @@ class TestApp:
         assert app.scale_up() == {"web": 1, "worker": 0}
         st = app.get_status()
         assert st.replicas == {"web": 1, "worker": 0} and st.recorded_replicas is None
+
+
+class TestProgress:
+    def test_bar_shows_percent_rate_and_eta(self):
+        import io
+
+        from dr.progress import Progress, terminal_bar
+
+        out = io.StringIO()
+        p = Progress("restore x", total=1000, interval=0, hooks=[terminal_bar(out)])
+        p.add(250)
+        p.add(250)
+        text = out.getvalue().split("\r")[-1]
+        assert "50%" in text and "of ~1000 B" in text and "ETA" in text and "/s" in text

@@ -482,6 +482,8 @@ def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers'
 def _prefect_defaults() -> None:
     """Without a Prefect server configured, keep Prefect's state beside the local platform's."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the first start of the temporary server migrates its database; 20 s is too short on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         home = os.path.abspath(os.path.join(".dr-local", "prefect"))
         os.makedirs(home, exist_ok=True)

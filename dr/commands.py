@@ -103,10 +103,19 @@ class ConnInfo:
         return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
 
 
+#: the only variables a child program inherits (no webhook URLs, tokens or PG* leftovers)
+CHILD_ENV_ALLOW = ("PATH", "LANG", "TZ", "HOME", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child process: an allow-list of the parent's."""
+    return {k: v for k, v in os.environ.items() if k in CHILD_ENV_ALLOW or k.startswith("LC_")}
+
+
 @contextlib.contextmanager
 def passfile_env(conn: ConnInfo | None) -> Iterator[dict[str, str]]:
     """Environment for a libpq child: connection settings, and the password in a 0600 passfile."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = child_env()
     env["PGCONNECT_TIMEOUT"] = "15"
     env["PGAPPNAME"] = "dr-orchestrator"
     if conn is None:

@@ -99,7 +99,14 @@ class CommandError(DrError):
     """An external program (pg_dump, psql, pg_ctl, ...) failed."""
 
     def __init__(self, program: str, returncode: int | None, stderr_tail: str, *, message: str | None = None):
-        text = message or f"{program} failed with exit code {returncode}"
+        if message:
+            text = message
+        elif returncode is not None and returncode < 0:
+            import signal
+
+            text = f"{program} was killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+        else:
+            text = f"{program} failed with exit code {returncode}"
         if stderr_tail:
             text += f": {stderr_tail.strip()}"
         super().__init__(text)

@@ -6,7 +6,9 @@
    `psql -v ON_ERROR_STOP=1`).
 2. Check the bytes read against the checksum recorded at backup time.
 3. Check the new database against the backup's manifest (rows per table, sequences, objects).
-4. ANALYZE, so the app is not slow on its first queries.
+4. Give the planner statistics, so the app is not slow on its first queries: a custom-format
+   backup made by pg_dump 18+ carries them and pg_restore sets them (milliseconds); ANALYZE
+   runs on whatever still has none (every table, for older or plain backups).
 5. Swap: rename the live database to `<db>_replaced_<stamp>` and the new one to `<db>`
    in one transaction. The replaced database is kept until tidy-up.
 
@@ -25,10 +27,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from psycopg import sql
+
 from dr.backup import CHUNK
 from dr.commands import PgTools, Running, passfile_env
 from dr.database import (
     analyze,
+    connect,
     create_database,
     database_comment,
     database_exists,
@@ -112,8 +117,50 @@ def _feed(reader: BackupReader, proc: Running, progress: Progress, *, gunzip: bo
             pass
 
 
+def _pg_restore_args(tools: PgTools, server_major: int) -> list[str]:
+    """Options for pg_restore: set the statistics a backup carries, where both ends know them."""
+    if tools.major_version("pg_restore") < 18:
+        return []
+    return ["--statistics"] if server_major >= 18 else ["--no-statistics"]
+
+
+#: every user table, and whether the planner has no statistics for it: never analyzed, rows but no
+#: column statistics, extended statistics (pg_dump does not carry them), or an expression index
+#: without statistics
+_TABLE_STATISTICS = """
+SELECT n.nspname, c.relname,
+       c.reltuples < 0
+       OR (c.reltuples > 0 AND NOT EXISTS (SELECT 1 FROM pg_stats s WHERE s.schemaname = n.nspname AND s.tablename = c.relname))
+       OR EXISTS (SELECT 1 FROM pg_statistic_ext x JOIN pg_namespace xn ON xn.oid = x.stxnamespace
+                  WHERE x.stxrelid = c.oid
+                    AND NOT EXISTS (SELECT 1 FROM pg_stats_ext e WHERE e.statistics_schemaname = xn.nspname
+                                      AND e.statistics_name = x.stxname))
+       OR EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                  WHERE i.indrelid = c.oid AND i.indexprs IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM pg_stats s WHERE s.schemaname = n.nspname AND s.tablename = ic.relname))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r','m','p') AND n.nspname NOT IN ('pg_catalog','information_schema')
+  AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+"""
+
+
+def _analyze_where_needed(target) -> list[str]:
+    """ANALYZE the tables that came without statistics (all of them: the whole database); returns them."""
+    with connect(target) as c:
+        tables = c.execute(_TABLE_STATISTICS).fetchall()
+        missing = [(schema, table) for schema, table, needs in tables if needs]
+        if missing and len(missing) < len(tables):
+            for schema, table in missing:
+                c.execute(sql.SQL("ANALYZE {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
+    if missing and len(missing) == len(tables):
+        analyze(target)  # a backup without statistics: the whole database, as always
+        return ["*"]
+    return [f"{schema}.{table}" for schema, table in missing]
+
+
 def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress: Progress, jobs: int,
-                    spool_dir: Path | None) -> None:
+                    spool_dir: Path | None, server_major: int) -> None:
     info = reader.info
     with passfile_env(target_conn) as env:
         if info.format == "plain-gzip" or info.name.endswith(".sql.gz"):
@@ -141,11 +188,13 @@ def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress:
                         progress.add(len(chunk))
                 reader.verify()
                 tools.run("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
-                                         "-d", target_conn.dbname, str(path)], env=env)
+                                         *_pg_restore_args(tools, server_major), "-d", target_conn.dbname, str(path)],
+                          env=env)
             finally:
                 shutil.rmtree(spool, ignore_errors=True)
         else:
-            proc = tools.start("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", "-d", target_conn.dbname],
+            proc = tools.start("pg_restore", ["--no-owner", "--exit-on-error", "--no-password",
+                                              *_pg_restore_args(tools, server_major), "-d", target_conn.dbname],
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
             try:
                 _feed(reader, proc, progress, gunzip=False)
@@ -187,7 +236,8 @@ def restore_backup(
     if not info.complete:
         raise BackupNotFound(f"backup '{backup}' is incomplete and cannot be restored", backup=backup)
     admin = servers.connection(server, "postgres")
-    tools.check_client_for(server_major_version(admin), ("pg_restore", "psql"))
+    server_major = server_major_version(admin)
+    tools.check_client_for(server_major, ("pg_restore", "psql"))
 
     # a re-run after the swap already happened must not restore again over validated data
     if database_exists(admin, database) and database_comment(admin, database) == _restored_marker(info) and info.sha256:
@@ -203,7 +253,7 @@ def restore_backup(
         progress = Progress(f"restore {backup}", info.size or None, hooks=progress_hooks)
         with store.reader(backup) as reader:
             try:
-                _restore_stream(tools, reader, target, progress, jobs, spool_dir)
+                _restore_stream(tools, reader, target, progress, jobs, spool_dir, server_major)
             except CommandError as exc:
                 # a checksum mismatch explains a failed restore better than the tool's message
                 try:
@@ -214,22 +264,27 @@ def restore_backup(
                     raise
                 except Exception:
                     pass
-                raise RestoreError(f"restoring {backup} into {new_db} failed: {exc.stderr_tail}", database=new_db,
+                raise RestoreError(f"restoring {backup} into {new_db} failed: {exc.message}", database=new_db,
                                    server=server, world_state=untouched) from exc
         progress.report()
         if info.manifest:
             verify_against_manifest(target, info.manifest)
             verified = True
-        analyze(target)
+        analyzed = _analyze_where_needed(target)
+        log.info("statistics: %s", "restored from the backup" if not analyzed else
+                 "ANALYZE of the whole database" if analyzed == ["*"] else f"ANALYZE of {', '.join(analyzed)}")
         set_database_comment(admin, new_db, _restored_marker(info))
     except BaseException as exc:
         log.error("restore of %s failed; dropping %s (%s)", backup, new_db, untouched)
+        world = untouched
         try:
             drop_database(admin, new_db)
-        except DrError:
+        except DrError as drop_error:
             log.exception("could not drop %s; drop it by hand", new_db)
-        if isinstance(exc, DrError) and not exc.world_state:
-            exc.world_state = untouched
+            world = (f"{untouched}; the half-restored database {new_db} is left on {server} "
+                     f"({drop_error.message}): `dr tidy-up` drops it once the server is back")
+        if isinstance(exc, DrError) and exc.world_state in (None, untouched):
+            exc.world_state = world
         raise
     if not swap:
         secs = (datetime.now(timezone.utc) - started).total_seconds()

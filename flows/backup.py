@@ -7,6 +7,7 @@ from typing import Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from dr.errors import DrError
 from dr.runtime import Ref
 from flows.common import run_logger
 from tasks.backups import backup_database_task
@@ -38,7 +39,11 @@ def backup_database(
         config_path: the configuration file; default `$DR_CONFIG` or `./dr.toml`.
     """
     ref = Ref(service, environment, config_path)
-    result = backup_database_task(ref, kind=kind, fmt=backup_format, server=server, database=database, label=label)
+    try:
+        result = backup_database_task(ref, kind=kind, fmt=backup_format, server=server, database=database, label=label)
+    except DrError as exc:
+        raise exc.annotate(step="backup", world_state="the database was only read; no backup was added to the store",
+                           resume_hint=f"dr backup --service {service} --env {environment} --kind {kind}")
     info = result.info
     rows = sum((info.manifest or {}).get("rows", {}).values())
     run_logger().info("backup %s stored: %s bytes, %s rows, sha256 %s", info.name, info.size, rows, info.sha256)

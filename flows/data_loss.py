@@ -93,7 +93,10 @@ def data_loss(
     # bad input stops here, before anything is touched
     check_auto_approve(ref, auto_approve)
     incident = check_incident_id(incident) if incident else new_incident_id()
-    given_time = parse_restore_time(restore_time, zone) if restore_time else None
+    try:
+        given_time = parse_restore_time(restore_time, zone) if restore_time else None
+    except DrError as exc:
+        raise exc.annotate(step="check the restore time", world_state="nothing was changed")
     if auto_approve and given_time is None and _existing_ptr_server(ref, incident) is None:
         raise InvalidInput("an automatic run needs restore_time (there is nobody to ask)")
     plan = plan_data_loss(ref, restore_time, zone)
@@ -101,7 +104,7 @@ def data_loss(
     if plan_only:
         return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
     if plan.blockers:
-        raise InvalidInput("cannot start: " + "; ".join(plan.blockers))
+        raise InvalidInput("cannot start: " + "; ".join(plan.blockers), world_state="nothing was changed")
 
     timeout = approval_timeout_minutes or t.approval_timeout_minutes
     resume = f"dr data-loss --service {service} --env {environment} --incident {incident}"

@@ -55,7 +55,10 @@ def point_in_time_restore(
     ref = Ref(service, environment, config_path)
     rt = ref.rt()
     zone = timezone_name or rt.target.timezone
-    when = resolve_restore_time(ref, restore_time, zone)
+    try:
+        when = resolve_restore_time(ref, restore_time, zone)
+    except DrError as exc:
+        raise exc.annotate(step="check the restore time", world_state="nothing was changed")
     new_name = ptr_server_name(rt.target.server, when)
     run_logger().info("restoring %s at %s onto new server %s", rt.target.server, fmt_both(when, zone), new_name)
     tags = {"dr-service": service, "dr-environment": environment}

@@ -43,7 +43,10 @@ def restore_database(
     ref = Ref(service, environment, config_path)
     log = run_logger()
     with recovery_lock(ref):
-        info = find_backup(ref, name=backup, kinds=None if backup else RESTORABLE_KINDS)
+        try:
+            info = find_backup(ref, name=backup, kinds=None if backup else RESTORABLE_KINDS)
+        except DrError as exc:
+            raise exc.annotate(step="find the backup", world_state="nothing was changed")
         log.info("restoring backup %s (%s bytes, finished %s)", info.name, info.size, info.finished_at or info.created_at)
         safety = None
         target_db = database

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from dr.commands import child_env
 from dr.errors import InvalidInput, OperationTimedOut, PlatformError
 from dr.platforms.base import AppControl, AppStatus
 from dr.platforms.local.servers import free_port
@@ -63,7 +64,7 @@ class LocalApp(AppControl):
         log = open(self.dir / f"{role}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dr.platforms.local.webapp", role, "--state-dir", str(self.state_dir), "--key", self.key],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=child_env(),
         )
         return proc.pid
 

@@ -431,6 +431,10 @@ class LocalServers(ServerPlatform):
         if point_in_time_utc.tzinfo is None:
             raise InvalidRestoreTime("the restore time must carry a time zone (UTC)")
         target = point_in_time_utc.astimezone(timezone.utc)
+        debris = self._dir(new_name)
+        if debris.exists() and not (debris / "server.json").exists():
+            # a restore killed before it recorded itself (server.json is written before pg_ctl start)
+            shutil.rmtree(debris)
         if self.server_exists(new_name):
             existing = self.get_server(new_name)
             if existing.tags.get(TAG_SOURCE) == source and existing.tags.get(TAG_RESTORE_TIME) == target.isoformat():
@@ -468,6 +472,7 @@ class LocalServers(ServerPlatform):
             })
             (d / "data" / "recovery.signal").touch()
             self._chown(d, recursive=True)
+            os.chown(d / "password", os.geteuid(), os.getegid())  # the admin password stays the tool's own
             all_tags = {**(tags or {}), TAG_CREATED_BY: TAG_CREATED_BY_VALUE, TAG_PURPOSE: "point-in-time-restore",
                         TAG_SOURCE: source, TAG_RESTORE_TIME: target.isoformat()}
             self._write_meta(new_name, {

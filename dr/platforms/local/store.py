@@ -45,11 +45,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _LocalWriter(BackupWriter):
@@ -76,6 +79,7 @@ class _LocalWriter(BackupWriter):
     def commit(self, info: BackupInfo) -> BackupInfo:
         final = self.store.root / self.name
         meta = self.store.root / (self.name + META_SUFFIX)
+        linked = False
         try:
             self.fh.flush()
             os.fsync(self.fh.fileno())
@@ -86,12 +90,16 @@ class _LocalWriter(BackupWriter):
             except FileExistsError as exc:
                 raise BackupExists(f"backup '{self.name}' appeared while this one was being written; kept both apart",
                                    backup=self.name) from exc
+            linked = True
             _write_json_atomic(meta, done.to_json())
             done = replace(done, complete=True)
             _write_json_atomic(meta, done.to_json())
             _fsync_dir(self.store.root)
         except OSError as exc:
             self.abort()
+            if linked:  # the data is in place but not recorded: take it back, or it would pass for a foreign backup
+                meta.unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
                 raise BackupError(f"the backup store {self.store.root} is full; '{self.name}' was not saved",
                                   backup=self.name) from exc
@@ -143,7 +151,11 @@ class LocalBackupStore(BackupStore):
         path = self.root / name
         meta = self.root / (name + META_SUFFIX)
         if meta.exists():
-            return BackupInfo.from_json(json.loads(meta.read_text()))
+            try:
+                return BackupInfo.from_json(json.loads(meta.read_text()))
+            except (ValueError, TypeError) as exc:
+                raise BackupCorrupted(f"the metadata of backup '{name}' ({meta}) is unreadable: {exc}; "
+                                      "the backup file itself was not touched", backup=name) from exc
         if path.exists():
             st = path.stat()
             fmt = "plain-gzip" if name.endswith(".sql.gz") else "unknown"

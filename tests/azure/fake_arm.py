@@ -97,6 +97,7 @@ class FakeArm:
             self.never_finish: set[str] = set()  # server names whose operations stay InProgress
             self.fail_operations: dict[str, dict[str, str]] = {}  # server name -> error of its next operation
             self.delete_missing_status = 404
+            self.poll_retry_after: str | None = None  # Retry-After on operation answers (the SDK honours it)
 
     @property
     def url(self) -> str:
@@ -134,6 +135,14 @@ class FakeArm:
             self.never_finish.clear()
             for op in self.operations.values():
                 op.remaining = 0
+
+    # --- hooks for a subclass that backs the servers with real ones (backed_arm.py) ------
+
+    def materialize(self, name: str, mode: str, props: dict[str, Any], doc: dict[str, Any]) -> None:
+        """Called when a create/restore/revive operation succeeds, before the server turns Ready."""
+
+    def dematerialize(self, name: str, doc: dict[str, Any]) -> None:
+        """Called when a delete operation succeeds, before the server is gone."""
 
     # --- data ---------------------------------------------------------------------
 
@@ -254,8 +263,11 @@ class FakeArm:
             op.remaining = 10**9
         self.operations[op.id] = op
         base = f"{self.url}/subscriptions/{sub}/providers/Microsoft.DBforPostgreSQL/locations/{location}"
-        return {"Azure-AsyncOperation": f"{base}/azureAsyncOperation/{op.id}?api-version=2026-10-01",
-                "Location": f"{base}/operationResults/{op.id}?api-version=2026-10-01"}
+        headers = {"Azure-AsyncOperation": f"{base}/azureAsyncOperation/{op.id}?api-version=2026-10-01",
+                   "Location": f"{base}/operationResults/{op.id}?api-version=2026-10-01"}
+        if self.poll_retry_after is not None:
+            headers["Retry-After"] = self.poll_retry_after
+        return headers
 
     def _poll(self, kind: str, op_id: str) -> tuple[int, dict[str, str], Any]:
         op = self.operations.get(op_id)
@@ -270,12 +282,16 @@ class FakeArm:
             elif op.fail_with:
                 op.status = "Failed"
             else:
-                op.status = "Succeeded"
-                op.on_success()
+                try:
+                    op.on_success()
+                    op.status = "Succeeded"
+                except Exception as exc:  # the backing work failed: the operation fails, as in Azure
+                    op.status = "Failed"
+                    op.fail_with = {"code": "InternalServerError", "message": f"{type(exc).__name__}: {exc}"}
         doc: dict[str, Any] = {"name": op.id, "status": op.status, "startTime": iso(datetime.now(timezone.utc))}
         if op.status == "Failed" and op.fail_with:
             doc["error"] = op.fail_with
-        return 200, {}, doc
+        return 200, ({"Retry-After": self.poll_retry_after} if self.poll_retry_after is not None else {}), doc
 
     def _put(self, sub: str, rg: str, name: str, rid: str, body: Any) -> tuple[int, dict[str, str], Any]:
         if not isinstance(body, dict) or not body.get("location"):
@@ -321,6 +337,7 @@ class FakeArm:
         doc["tags"] = dict(body.get("tags") or {})
 
         def done() -> None:
+            self.materialize(name, mode, props, doc)
             doc["properties"]["state"] = "Ready"
 
         headers = self._start_operation(sub, body["location"], name, done)
@@ -336,6 +353,7 @@ class FakeArm:
         doc["properties"]["state"] = "Dropping"
 
         def done() -> None:
+            self.dematerialize(name, doc)
             self.servers.pop(rid.lower(), None)
             self.dropped[rid.lower()] = doc
 

@@ -371,3 +371,45 @@ def faults(azurite: str, container: Any) -> tuple[FaultAdapter, AzureBackupStore
     service = BlobServiceClient.from_connection_string(
         azurite, session=session, retry_policy=fast_retry(3))
     return adapter, AzureBackupStore(service.get_container_client(container.container_name), block_size=64 * 1024)
+
+
+class TestSecondaryRegion:
+    """RA-GRS: when the primary endpoint does not answer, reads go to the secondary; writes never do."""
+
+    def test_reads_fall_back_to_the_secondary_endpoint(self, azurite, container, store, monkeypatch):
+        import re
+        import socket
+
+        from azure.storage.blob import ExponentialRetry
+
+        from dr.config import parse_config
+        from dr.platforms.azure import azure_store
+
+        data = os.urandom(300 * 1024)
+        upload(store, "apply_pd_2026-11-25.sql.gz", data)  # written while the primary was up
+        azurite_host = re.search(r"BlobEndpoint=http://([^/]+)/", azurite).group(1)
+        with socket.socket() as s:  # a port nobody listens on: the primary region is down
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        monkeypatch.setenv("DR_AZURE_STORAGE_CONNECTION_STRING", azurite.replace(azurite_host, f"127.0.0.1:{dead}"))
+        monkeypatch.setenv("DR_AZURE_BLOB_SECONDARY_HOST", azurite_host)  # Azurite stands in for the secondary
+        config = parse_config(f"""
+[services.apply.environments.production]
+platform = "azure"
+subscription_id = "00000000-0000-0000-0000-00000000abcd"
+resource_group = "rg"
+container = "{container.container_name}"
+""")
+        fast = ExponentialRetry(initial_backoff=0, increment_base=0, retry_total=3, random_jitter_range=0,
+                                retry_to_secondary=True)
+        degraded = azure_store(config, config.target("apply", "production"), read_retry=fast,
+                               retry_policy=fast_retry(1), max_single_get_size=64 * 1024, max_chunk_get_size=64 * 1024)
+        assert [b.name for b in degraded.list_backups()] == ["apply_pd_2026-11-25.sql.gz"]
+        with degraded.reader("apply_pd_2026-11-25.sql.gz") as r:
+            assert r.read() == data
+            r.verify()
+        # writes need the primary: refused as a transient error, nothing is written anywhere
+        with pytest.raises(TransientPlatformError, match="could not reach blob storage"):
+            with degraded.writer("apply_pd_2026-11-26.sql.gz") as w:
+                w.write(b"x")
+        assert [b.name for b in store.list_backups()] == ["apply_pd_2026-11-25.sql.gz"]

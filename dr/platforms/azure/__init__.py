@@ -12,6 +12,8 @@ Environment overrides (for emulators and tests; none is needed against Azure):
   it carries its own key, so no Azure identity is used for blobs.
 - `DR_AZURE_BLOB_URL`: the blob account URL instead of
   `https://<storage_account>.blob.core.windows.net` (a SAS in its query is used as is).
+- `DR_AZURE_BLOB_SECONDARY_HOST`: the host of the account's read-only secondary endpoint
+  (default, from the SDK: `<storage_account>-secondary.blob.core.windows.net`).
 - `DR_AZURE_STATE_DIR`: where operation and dropped-server records are kept (`~/.dr`).
 - `DR_AZURE_PG_PASSWORD`: the administrator password of the servers (never logged).
 """
@@ -36,6 +38,7 @@ __all__ = ["AzureBackupStore", "AzureServers", "azure_servers", "azure_store", "
 ARM_URL_ENV = "DR_AZURE_ARM_URL"
 BLOB_URL_ENV = "DR_AZURE_BLOB_URL"
 CONNECTION_STRING_ENV = "DR_AZURE_STORAGE_CONNECTION_STRING"
+SECONDARY_HOST_ENV = "DR_AZURE_BLOB_SECONDARY_HOST"
 
 _credential: Any = None
 _credential_lock = threading.Lock()
@@ -95,15 +98,27 @@ def blob_service_client(target: Target, *, credential: Any = None, **client_kwar
     return BlobServiceClient(url, credential=credential or default_credential(), **client_kwargs)
 
 
-def azure_store(config: DrConfig, target: Target, *, credential: Any = None, **client_kwargs: Any) -> AzureBackupStore:
+def azure_store(config: DrConfig, target: Target, *, credential: Any = None, read_retry: Any = None,
+                **client_kwargs: Any) -> AzureBackupStore:
     """The backup container (`target.container`) of a target's storage account.
 
     Args:
         config: the whole configuration (unused today; kept for the factory signature).
         target: the resolved service environment (storage account, container).
         credential: an Azure credential; default: the process-wide `DefaultAzureCredential`.
+        read_retry: the retry policy of reads (default: exponential, alternating to the
+            secondary endpoint); it must have `retry_to_secondary=True` to fall back.
         **client_kwargs: passed to `BlobServiceClient` (e.g. `max_chunk_get_size`).
     """
     _quiet_sdk_logging()
     service = blob_service_client(target, credential=credential, **client_kwargs)
-    return AzureBackupStore(service.get_container_client(target.container))
+    # reads fall back to the secondary region (RA-GRS) when the primary does not answer: the SDK's
+    # retry policy alternates primary/secondary on each retry (harmless where there is no secondary)
+    read_kwargs = dict(client_kwargs)
+    read_kwargs["retry_policy"] = read_retry or ExponentialRetry(initial_backoff=2, increment_base=2, retry_total=5,
+                                                                 retry_to_secondary=True)
+    if os.environ.get(SECONDARY_HOST_ENV):
+        read_kwargs["secondary_hostname"] = os.environ[SECONDARY_HOST_ENV]
+    reads = blob_service_client(target, credential=credential, **read_kwargs)
+    return AzureBackupStore(service.get_container_client(target.container),
+                            reads=reads.get_container_client(target.container))

@@ -195,7 +195,7 @@ class _AzureReader(BackupReader):
     def __init__(self, store: "AzureBackupStore", info: BackupInfo):
         self.store, self.info = store, info
         try:
-            downloader = store.container.get_blob_client(info.name).download_blob(max_concurrency=1)
+            downloader = store.reads.get_blob_client(info.name).download_blob(max_concurrency=1)
         except ResourceNotFoundError as exc:
             raise BackupNotFound(f"backup '{info.name}' has metadata but no data blob", backup=info.name) from exc
         except AzureError as exc:
@@ -288,14 +288,21 @@ class AzureBackupStore(BackupStore):
     """`BackupStore` in one Azure Blob Storage container.
 
     Args:
-        container: the container client (credentials are chosen by the caller).
+        container: the container client (credentials are chosen by the caller); every write
+            goes through it.
         block_size: bytes per staged block; memory use of an upload is about one block.
+        reads: the client for listing and reading (default `container`). Give one whose retry
+            policy has `retry_to_secondary=True` to read from the account's secondary region
+            (RA-GRS) when the primary does not answer, as `azure_store` does: reads never need
+            the primary, writes always do.
     """
 
-    def __init__(self, container: ContainerClient, *, block_size: int = DEFAULT_BLOCK_SIZE):
+    def __init__(self, container: ContainerClient, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 reads: ContainerClient | None = None):
         if block_size <= 0 or block_size > 4000 * 1024 * 1024:
             raise InvalidInput(f"block_size must be between 1 byte and 4000 MiB, got {block_size}")
         self.container = container
+        self.reads = reads or container
         self.block_size = block_size
 
     def __repr__(self) -> str:
@@ -331,7 +338,7 @@ class AzureBackupStore(BackupStore):
 
     def _sidecar(self, name: str) -> BackupInfo | None:
         try:
-            raw = self.container.get_blob_client(name + META_SUFFIX).download_blob().readall()
+            raw = self.reads.get_blob_client(name + META_SUFFIX).download_blob().readall()
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
@@ -348,7 +355,7 @@ class AzureBackupStore(BackupStore):
             return info
         if props is None:
             try:
-                props = self.container.get_blob_client(name).get_blob_properties()
+                props = self.reads.get_blob_client(name).get_blob_properties()
             except ResourceNotFoundError as exc:
                 raise BackupNotFound(f"no backup named '{name}' in {self.where}", backup=name) from exc
             except AzureError as exc:
@@ -360,7 +367,7 @@ class AzureBackupStore(BackupStore):
         data: dict[str, BlobProperties] = {}
         with_sidecar: set[str] = set()
         try:
-            for blob in self.container.list_blobs(include=["metadata"]):
+            for blob in self.reads.list_blobs(include=["metadata"]):
                 if blob.name.endswith(META_SUFFIX):
                     with_sidecar.add(blob.name.removesuffix(META_SUFFIX))
                 else:

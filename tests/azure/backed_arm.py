@@ -1,0 +1,199 @@
+"""The fake ARM with real PostgreSQL behind it, so the scenario flows run on `platform = "azure"`.
+
+`BackedArm` is `FakeArm` (the REAL management SDK talks to it over TLS, every request body
+is recorded) whose servers are real PostgreSQL clusters of the local platform:
+
+- a point-in-time restore (`createMode=PointInTimeRestore`) is a real PITR of the source's
+  base backup and WAL archive (`LocalServers.point_in_time_restore`) at the `pointInTimeUTC`
+  the SDK sent; a revive (`ReviveDropped`) brings back the dropped cluster; a create
+  (`Default`) runs initdb; a DELETE drops the cluster (kept for revive, as Azure does).
+- Azure serves every server at `<fqdn>:5432` with TLS. Here each server gets its own
+  loopback address `127.x.y.z` as its FQDN, and a forwarder on `127.x.y.z:5432` passes the
+  bytes to wherever the cluster listens now; the clusters have `ssl = on` with a throw-away
+  certificate and an administrator role with the password the tool reads from
+  `DR_AZURE_PG_PASSWORD` (for a create, the `administratorLoginPassword` that was sent).
+- `backup.earliestRestoreDate` is the cluster's first base backup.
+
+The clusters need PostgreSQL built with SSL for both the server and the client tools (the
+system's PostgreSQL, not the embedded one), as real Azure does.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from fake_arm import FakeArm, iso
+
+PG_PORT = 5432
+
+
+class Forwarder:
+    """`ip:5432` → `127.0.0.1:<the cluster's current port>`, byte for byte (TLS passes through)."""
+
+    def __init__(self, ip: str, port_of: Any):
+        self.ip = ip
+        self.port_of = port_of
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, PG_PORT))
+        self.sock.listen(64)
+        self.closed = False
+        threading.Thread(target=self._accept, name=f"fwd-{ip}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.port_of()), timeout=10)
+            upstream.settimeout(None)
+        except Exception:
+            client.close()
+            return
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        t = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+        t.start()
+        pump(client, upstream)
+        t.join(5)
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+class BackedArm(FakeArm):
+    """A fake ARM whose servers are clusters of `local` (a `LocalServers`)."""
+
+    def __init__(self, cert_file: str, key_file: str, *, local: Any, admin_user: str, admin_password: str):
+        from dr.platforms.local.servers import ADMIN_USER
+
+        if admin_user == ADMIN_USER:
+            raise ValueError(f"the Azure administrator must not be the local platform's own ({ADMIN_USER})")
+        self.local = local
+        self.admin_user, self.admin_password = admin_user, admin_password
+        self.forwarders: dict[str, Forwarder] = {}
+        super().__init__(cert_file, key_file)
+
+    def reset(self) -> None:
+        super().reset()
+        self.polls_to_finish = 0
+        self.poll_retry_after = "1"
+
+    def stop(self) -> None:
+        super().stop()
+        for f in self.forwarders.values():
+            f.close()
+
+    # --- addresses -----------------------------------------------------------------
+
+    def address_of(self, name: str) -> str:
+        """The loopback address that stands for the server's FQDN (made on first use)."""
+        if name not in self.forwarders:
+            for _ in range(50):
+                ip = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+                try:
+                    self.forwarders[name] = Forwarder(ip, lambda n=name: self.local.get_server(n).port)
+                    break
+                except OSError:  # taken by a parallel run
+                    continue
+            else:  # pragma: no cover
+                raise RuntimeError("no free loopback address for a fake server")
+        return self.forwarders[name].ip
+
+    def add_server(self, sub: str, rg: str, name: str, **kw: Any) -> dict[str, Any]:
+        doc = super().add_server(sub, rg, name, **kw)
+        doc["properties"]["fullyQualifiedDomainName"] = self.address_of(name)
+        doc["properties"]["administratorLogin"] = self.admin_user
+        if self.local.server_exists(name):
+            self._describe(name, doc)
+        return doc
+
+    def _describe(self, name: str, doc: dict[str, Any]) -> None:
+        """Version and earliest restore point as the cluster has them."""
+        info = self.local.get_server(name)
+        doc["properties"]["version"] = str(info.version)
+        doc["properties"]["minorVersion"] = "0"
+        bases = self.local.list_base_backups(name)
+        if bases:
+            doc["properties"]["backup"]["earliestRestoreDate"] = iso(
+                datetime.fromisoformat(bases[0]["finished_at"]))
+
+    # --- what a server is made of -------------------------------------------------------
+
+    def azurify(self, name: str, password: str | None = None) -> None:
+        """TLS on and the administrator login, as every Azure server has them (idempotent)."""
+        data = self.local.servers_dir / name / "data"
+        for src, dst in ((self.cert_file, "server.crt"), (self.key_file, "server.key")):
+            shutil.copyfile(src, data / dst)
+            (data / dst).chmod(0o600)
+            self.local._chown(data / dst)
+        with psycopg.connect(**self.local.connection(name, "postgres").psycopg_kwargs(), autocommit=True) as c:
+            c.execute("ALTER SYSTEM SET ssl = on")
+            c.execute("SELECT pg_reload_conf()")
+            exists = c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.admin_user,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            c.execute(sql.SQL(verb + " ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+                sql.Identifier(self.admin_user), sql.Literal(password or self.admin_password)))
+
+    def attach(self, sub: str, rg: str, name: str, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
+        """Publish an existing cluster of `local` as an ARM server (the environment's live server)."""
+        self.azurify(name)
+        self.local.take_base_backup(name)  # so that restores start from a copy with TLS on
+        return self.add_server(sub, rg, name, tags=tags)
+
+    def materialize(self, name: str, mode: str, props: dict[str, Any], doc: dict[str, Any]) -> None:
+        if mode == "PointInTimeRestore":
+            source = props["sourceServerResourceId"].rstrip("/").rsplit("/", 1)[-1]
+            when = datetime.fromisoformat(props["pointInTimeUTC"].replace("Z", "+00:00"))
+            self.local.point_in_time_restore(source, name, when)
+            self.azurify(name)
+        elif mode == "ReviveDropped":
+            self.local.revive_dropped_server(name)
+            self.azurify(name)
+        elif mode in ("Default", "Create"):
+            self.local.create_server(name)
+            self.azurify(name, props.get("administratorLoginPassword"))
+        else:
+            raise NotImplementedError(f"the backed fake cannot {mode}")
+        self._describe(name, doc)
+
+    def dematerialize(self, name: str, doc: dict[str, Any]) -> None:
+        if self.local.server_exists(name):
+            self.local.delete_server(name)
+
+
+def backing_servers(state_dir: Path, pg_bin_dir: Path) -> Any:
+    """The local platform's servers with the system PostgreSQL (server and tools built with SSL)."""
+    from dr.commands import PgTools
+    from dr.platforms.local.servers import LocalServers
+
+    return LocalServers(state_dir, PgTools.default(pg_bin_dir), archive_timeout_seconds=30, fsync=False)

@@ -42,6 +42,25 @@ def _tools_fact(ref: Ref, server_version: int | None, plan: Plan) -> None:
                              f"install postgresql-client-{server_version}")
 
 
+#: preflight checks whose failure stops a recovery (the others are facts: a public server has no subnet)
+BLOCKING_PREFLIGHT = {"restore point", "admin password"}
+
+
+def _preflight(ref: Ref, name: str, plan: Plan, *, blocking: set[str]) -> None:
+    """The platform's own preflight checks of a server (Azure: subnet, DNS zone, restore point, password)."""
+    rt = ref.rt()
+    check = getattr(rt.servers, "preflight", None)
+    if check is None:
+        return
+    for what, ok, detail in check(name):
+        plan.facts[f"preflight: {what}"] = f"{'ok' if ok else 'FAILED'}: {detail}"
+        if not ok and what in blocking:
+            plan.blockers.append(f"preflight {what}: {detail}")
+    if rt.target.platform == "azure" and not rt.tools.supports_ssl():
+        plan.blockers.append(f"the client tools in {rt.tools.bin_dir} have no SSL support, which Azure requires: "
+                             "set local.pg_bin_dir to a PostgreSQL client built with SSL (docs/azure.md)")
+
+
 @dr_task(retries=1)
 def plan_data_loss(ref: Ref, restore_time: str | None, zone: str | None) -> Plan:
     """Check everything the data-loss scenario needs, touching nothing."""
@@ -73,6 +92,7 @@ def plan_data_loss(ref: Ref, restore_time: str | None, zone: str | None) -> Plan
                 plan.blockers.append(f"restore time: {exc}")
         else:
             plan.facts["restore to"] = "asked for during the run (a form in the Prefect UI)"
+        _preflight(ref, t.server, plan, blocking=BLOCKING_PREFLIGHT)
     except DrError as exc:
         plan.blockers.append(f"live server: {exc}")
     try:
@@ -132,6 +152,7 @@ def plan_server_loss(ref: Ref, backup: str | None) -> Plan:
         plan.facts["backup to restore"] = f"none ({exc})"
     try:
         _tools_fact(ref, server_version, plan)
+        _preflight(ref, t.server, plan, blocking={"admin password"} if not exists else set())
     except DrError as exc:
         plan.blockers.append(str(exc))
     plan.steps = [

@@ -254,3 +254,21 @@ class TestServerLossOnAzure:
             "PUT", env.target.server)[-1]]
         assert props["network"]["delegatedSubnetResourceId"].endswith("/subnets/postgres")
         assert env.platform.app.healthcheck()[0] == 200
+
+
+class TestPlanOnAzure:
+    def test_plan_runs_the_azure_preflight_and_changes_nothing(self, azure_env, monkeypatch):
+        from flows.data_loss import data_loss
+
+        env = azure_env
+        puts_before = len(env.arm.calls("PUT"))
+        r = data_loss(**env.kw(), restore_time=london(datetime.now(timezone.utc) - timedelta(seconds=5)),
+                      plan_only=True)
+        assert "preflight: delegated subnet: ok" in r["plan"] and "preflight: restore point: ok" in r["plan"]
+        assert r["blockers"] == []
+        monkeypatch.delenv("DR_AZURE_PG_PASSWORD")
+        r = data_loss(**env.kw(), restore_time=london(datetime.now(timezone.utc) - timedelta(seconds=5)),
+                      plan_only=True)
+        assert any("admin password" in b and "DR_AZURE_PG_PASSWORD" in b for b in r["blockers"]), r["blockers"]
+        assert len(env.arm.calls("PUT")) == puts_before and env.blobs() == []
+        assert not env.platform.app.get_status().maintenance

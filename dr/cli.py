@@ -21,6 +21,10 @@ maint_app = typer.Typer(help="Maintenance page on/off.", no_args_is_help=True)
 app.add_typer(local_app, name="local")
 app.add_typer(config_app, name="config")
 app.add_typer(maint_app, name="maintenance")
+server_app = typer.Typer(help="The self-hosted Prefect server (SQLite under .dr-local/prefect).", no_args_is_help=True)
+worker_app = typer.Typer(help="A process worker of the work pool `dr`.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+app.add_typer(worker_app, name="worker")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Configuration file (default $DR_CONFIG or ./dr.toml).")
 ServiceOpt = typer.Option(None, "--service", "-s", help="Service short name (default: the only one configured).")
@@ -410,22 +414,132 @@ def answer_time_cmd(flow_run_id: str, time: str = typer.Option(..., "--time", "-
                   output.say("sent"))[1])
 
 
+DRILL_HEADERS = ["scenario", "result", "RTO", "RPO", "marker rows after recovery"]
+
+
 @app.command("drill")
 def drill_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
               scenario: str = typer.Option("both", help="data-loss, server-loss or both"),
+              on_worker: bool = typer.Option(False, "--on-worker", help=(
+                  "Run it as the schedule does: a deployment run on a process worker of a self-hosted Prefect "
+                  "server (PREFECT_API_URL's, or one started and stopped here).")),
               config: Optional[str] = ConfigOpt) -> None:
     """Rehearse the runbook on a non-production environment and print RTO/RPO (the monthly drill)."""
 
     def body() -> None:
+        _, s, e, path = _ctx(config, service, env)
+        if on_worker:
+            return _drill_on_worker(s, e, scenario, path)
         from flows.drill import dr_drill
 
-        _, s, e, path = _ctx(config, service, env)
         r = dr_drill(s, e, scenario=scenario, config_path=path)
         output.say(f"\nDR drill {r['drill']} on {s} {e}: {'PASSED' if r['passed'] else 'FAILED'}")
         output.table([(x["scenario"], "PASS" if x["ok"] else "FAIL", f"{x['rto_seconds']:.0f} s",
-                       f"{x['rpo_seconds']:.0f} s", x["markers"]) for x in r["results"]],
-                     ["scenario", "result", "RTO", "RPO", "marker rows after recovery"])
+                       f"{x['rpo_seconds']:.0f} s", x["markers"]) for x in r["results"]], DRILL_HEADERS)
         output.say(f"report: {r['report']}")
+
+    _run(body)
+
+
+def _drill_on_worker(service: str, env: str, scenario: str, config_path: Optional[str]) -> None:
+    from deployments.stack import PrefectStackError, drill_on_worker, project_dir
+    from dr.errors import ValidationFailed
+
+    r = drill_on_worker({"service": service, "environment": env, "scenario": scenario, "config_path": config_path},
+                        say=output.say)
+    drill, rows, report = r.table()
+    verdict = "PASSED" if r.passed else "FAILED"
+    output.say(f"\nDR drill {drill or r.outcome.name} on {service} {env}: {verdict} "
+               f"(flow run {r.outcome.name}, {r.outcome.state_name}, on a worker)")
+    if rows:
+        output.table([(x.get("scenario"), x.get("result"), x.get("RTO"), x.get("RPO"),
+                       x.get("marker rows after recovery", "")) for x in rows], DRILL_HEADERS)
+    if report:
+        output.say(f"report: {report if os.path.isabs(report) else project_dir() / report}")
+    if r.outcome.state_type == "FAILED":
+        raise ValidationFailed(r.outcome.message or "the drill failed")
+    if not r.passed:
+        raise PrefectStackError(f"the drill's flow run {r.outcome.name} ended {r.outcome.state_name}: "
+                                f"{r.outcome.message}")
+
+
+def _api_url_or_fail() -> str:
+    from dr.errors import ConfigError
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ConfigError("PREFECT_API_URL is not set: start a server with `dr server start` and export the "
+                          "PREFECT_API_URL it prints")
+    return api
+
+
+@server_app.command("start")
+def server_start_cmd(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+                     port: Optional[int] = typer.Option(None, help="Port (default 4200, or a free one if taken)."),
+                     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect UI.")) -> None:
+    """Run a self-hosted Prefect server in the foreground (`prefect server start`, analytics off).
+
+    SQLite under .dr-local/prefect unless PREFECT_API_DATABASE_CONNECTION_URL names a
+    PostgreSQL database; set PREFECT_SERVER_API_AUTH_STRING for basic auth.
+    """
+
+    def body() -> None:
+        from deployments import stack
+
+        p = port or stack.pick_port()
+        home = stack.prefect_home()
+        output.say(f"Prefect server on http://{host}:{p} (state in {home}); for the other commands:\n"
+                   f"  export PREFECT_API_URL=http://{'127.0.0.1' if host == '0.0.0.0' else host}:{p}/api")
+        cmd = stack.server_command(host, p, ui=ui)
+        os.execvpe(cmd[0], cmd, stack.server_env(home))
+
+    _run(body)
+
+
+@worker_app.command("start")
+def worker_start_cmd(pool: str = typer.Option("dr", help="The work pool (created as a process pool if missing)."),
+                     name: Optional[str] = typer.Option(None, help="The worker's name."),
+                     limit: Optional[int] = typer.Option(None, help="Most flow runs at once."),
+                     heartbeat_seconds: int = typer.Option(60, help=(
+                         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs (at least 30); "
+                         "`dr automations` must be given the same value."))) -> None:
+    """Run a process worker in the foreground (`prefect worker start --pool dr`), DR_HOME set for the flow runs."""
+
+    def body() -> None:
+        from deployments import stack
+
+        api = _api_url_or_fail()
+        cmd = stack.worker_command(pool, name=name, limit=limit)
+        env = stack.worker_env(api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(heartbeat_seconds))
+        output.say(f"worker for pool {pool} at {api}; flow runs start in {env['DR_HOME']}")
+        os.chdir(env["DR_HOME"])
+        os.execvpe(cmd[0], cmd, env)
+
+    _run(body)
+
+
+@app.command("deploy")
+def deploy_cmd(name: Optional[list[str]] = typer.Option(None, "--name", "-n", help=(
+                   "Only this deployment, `<flow>/<deployment>` (repeatable; default: every one in prefect.yaml).")),
+               heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
+               config: Optional[str] = ConfigOpt) -> None:
+    """Register the deployments of prefect.yaml, the work pool `dr` and the automations (`prefect deploy`)."""
+
+    def body() -> None:
+        from deployments import stack
+        from deployments.automations import ensure_automations
+        from dr.notify import webhook_urls
+
+        api = _api_url_or_fail()
+        if not stack.api_healthy(api):
+            raise stack.PrefectStackError(f"no Prefect server answers at {api}")
+        cfg = load_config(config)
+        if stack.ensure_work_pool(api):
+            output.say(f"work pool {stack.POOL} created (process)")
+        stack.deploy(api, name or None)
+        output.say("deployments on the server: " + ", ".join(stack.list_deployments(api)))
+        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(cfg), api_url=api)
+        output.say("automations created: " + ", ".join(made) if made else "automations already registered")
 
     _run(body)
 
@@ -467,13 +581,15 @@ def retention_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvO
 
 
 @app.command("automations")
-def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY.")) -> None:
-    """Register the Prefect automations (runs whose worker died are marked Crashed)."""
+def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
+                    config: Optional[str] = ConfigOpt) -> None:
+    """Register the Prefect automations (runs whose worker died are marked Crashed; on-call is told)."""
 
     def body() -> None:
         from deployments.automations import ensure_automations
+        from dr.notify import webhook_urls
 
-        made = ensure_automations(heartbeat_seconds)
+        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(load_config(config)))
         output.say("created: " + ", ".join(made) if made else "automations already registered")
 
     _run(body)

@@ -133,9 +133,9 @@ def dr_drill(
         return "—" if s is None else f"{s:.0f} s"
 
     rows = [{"scenario": r["scenario"], "result": "PASS" if r["ok"] else "FAIL", "RTO": fmt(r["rto_seconds"]),
-             "RPO": fmt(r["rpo_seconds"]), "objective RTO": f"{t.rto_minutes} min", "objective RPO": f"{t.rpo_minutes} min"}
+             "RPO": fmt(r["rpo_seconds"]), "objective RTO": f"{t.rto_minutes} min", "objective RPO": f"{t.rpo_minutes} min",
+             "marker rows after recovery": str(r.get("markers", r.get("error", "")))}
             for r in results]
-    create_table_artifact(key=f"drill-{service}-{environment}", table=rows, description=f"DR drill {drill}")
     trend = ["| drill | scenario | RTO | RPO | passed |", "|---|---|---|---|---|"]
     for e in (previous + [entry])[-12:]:
         for r in e["results"]:
@@ -148,6 +148,8 @@ def dr_drill(
                     "", "## Trend (last 12 drills)", "", *trend])
     create_markdown_artifact(key=f"drill-report-{service}-{environment}", markdown=md, description=f"drill {drill}")
     path = publish_report(ref, drill, md)
+    # read back by `dr drill --on-worker`: the rows, and "DR drill <id>; report <path>"
+    create_table_artifact(key=f"drill-{service}-{environment}", table=rows, description=f"DR drill {drill}; report {path}")
     out = {"drill": drill, "passed": not problems, "problems": problems, "results": results, "report": path,
            "history": str(hist)}
     if problems:

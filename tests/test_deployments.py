@@ -150,3 +150,22 @@ def test_zombie_runs_automation_is_registered_once():
     assert a.trigger.posture.value == "Proactive" and a.trigger.within.total_seconds() == 180
     assert a.trigger.after == {"prefect.flow-run.heartbeat"}
     assert a.actions[0].type == "change-flow-run-state" and a.actions[0].state.value == "CRASHED"
+
+
+def test_crashed_runs_are_announced_to_the_configured_webhooks():
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from deployments.automations import CRASH_NOTICE_AUTOMATION, ensure_automations
+
+    url = "https://hooks.example.invalid/services/T000/B000/not-a-real-secret"
+    assert CRASH_NOTICE_AUTOMATION in ensure_automations(heartbeat_seconds=60, webhooks={"slack": url})
+    assert ensure_automations(heartbeat_seconds=60, webhooks={"slack": url}) == []
+    a = Automation.read(name=CRASH_NOTICE_AUTOMATION)
+    assert a.trigger.expect == {"prefect.flow-run.Crashed"} and a.trigger.posture.value == "Reactive"
+    assert [x.type for x in a.actions] == ["send-notification"]
+    block = CustomWebhookNotificationBlock.load("dr-oncall-slack")
+    assert url not in block.url  # the URL is kept as the block's secret
+    request = block._build_request_args(body="the body", subject="the subject")
+    assert request["url"] == url and request["json"] == {"text": "the subject\nthe body"}
+    assert a.actions[0].block_document_id == block._block_document_id

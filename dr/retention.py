@@ -279,6 +279,85 @@ def _held_local(store: LocalBackupStore, name: str) -> bool:
     return live
 
 
+def supports_holds(store: BackupStore) -> bool:
+    """Whether holds (and so retention) are implemented for this kind of store."""
+    return hold.dispatch(type(store)) is not hold.dispatch(BackupStore)
+
+
+def _register_azure() -> None:
+    """Holds on Blob Storage: a small marker blob `.<backup>.hold-<holder>` per holder.
+
+    Written with If-None-Match (never over another's hold), read back by `held` with its
+    age, removed when the block ends; a crashed restore's marker goes stale after
+    `HOLD_STALE_AFTER`. Markers need no lease bookkeeping and allow several readers.
+    """
+    try:
+        from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+
+        from dr.platforms.azure.store import AzureBackupStore
+    except ImportError:  # the azure extra is not installed: no azure stores either
+        return
+
+    def marker(name: str, holder: str = "") -> str:
+        return f".{check_backup_name(name)}.hold-{holder}"
+
+    @hold.register(AzureBackupStore)
+    @contextlib.contextmanager
+    def _hold_azure(store: AzureBackupStore, name: str, holder: str) -> Iterator[None]:
+        blob = store.container.get_blob_client(marker(name, _check_holder(holder)))
+        body = json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": datetime.now(timezone.utc).isoformat()})
+        try:
+            try:
+                blob.upload_blob(body, overwrite=False)
+            except ResourceExistsError as exc:
+                age = datetime.now(timezone.utc) - blob.get_blob_properties().last_modified
+                if age <= HOLD_STALE_AFTER:
+                    raise BackupError(f"backup '{name}' is already held by '{holder}'; use a holder name of its own "
+                                      f"(or delete blob {blob.blob_name} if no restore is running)",
+                                      backup=name) from exc
+                log.warning("replacing the stale hold of %s on backup %s", holder, name)
+                blob.upload_blob(body, overwrite=True)
+        except AzureError as exc:
+            raise store._error(exc, name, "hold") from exc
+        try:
+            store.get_backup(name)  # checked once the hold exists: from here on retention leaves it alone
+        except BaseException:
+            blob.delete_blob()
+            raise
+        log.info("hold on backup %s taken by %s", name, holder)
+        try:
+            yield
+        finally:
+            try:
+                blob.delete_blob()
+                log.info("hold on backup %s released by %s", name, holder)
+            except ResourceNotFoundError:
+                pass
+            except AzureError as exc:
+                log.warning("could not release the hold %s (it goes stale in %s): %s", blob.blob_name,
+                            HOLD_STALE_AFTER, exc)
+
+    @held.register(AzureBackupStore)
+    def _held_azure(store: AzureBackupStore, name: str) -> bool:
+        now = datetime.now(timezone.utc)
+        live = False
+        try:
+            markers = list(store.reads.list_blobs(name_starts_with=marker(name)))
+        except AzureError as exc:
+            raise store._error(exc, name, "read the holds of") from exc
+        for b in markers:
+            if now - b.last_modified > HOLD_STALE_AFTER:
+                log.warning("ignoring the stale hold %s on backup %s (since %s; delete it once no restore runs)",
+                            b.name, name, b.last_modified)
+            else:
+                live = True
+        return live
+
+
+_register_azure()
+
+
 # --- applying the policy to a store -------------------------------------------------------
 
 
@@ -348,4 +427,5 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
 
 __all__ = [
     "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "held", "hold", "is_nightly", "select_keep",
+    "supports_holds",
 ]

@@ -14,14 +14,15 @@ def restore_backup_task(ref: Ref, *, backup: str, server: str | None = None, dat
     """Restore a backup into a new database, verify it, and swap it in."""
     import contextlib
     import os
+    import re
+    import socket
 
-    from dr.platforms.local.store import LocalBackupStore
-    from dr.retention import hold
+    from dr.retention import hold, supports_holds
 
     rt = ref.rt()
-    # hold the backup so retention cannot delete it while it is being read
-    held = (hold(rt.store, backup, holder=f"restore-{os.getpid()}") if isinstance(rt.store, LocalBackupStore)
-            else contextlib.nullcontext())
+    # hold the backup so retention cannot delete it while it is being read (from any machine)
+    holder = re.sub(r"[^A-Za-z0-9_-]", "-", f"restore-{socket.gethostname()[:30]}-{os.getpid()}")
+    held = hold(rt.store, backup, holder=holder) if supports_holds(rt.store) else contextlib.nullcontext()
     with held:
         return restore_backup(rt.servers, rt.store, rt.tools, server=server or rt.target.server,
                               database=database or rt.target.database, backup=backup, jobs=jobs, swap=swap,

@@ -38,6 +38,11 @@ SERVER_RE = re.compile(
     r"flexibleServers(?:/(?P<name>[^/]+)(?:/(?P<action>start|stop|restart))?)?$", re.IGNORECASE)
 OPERATION_RE = re.compile(r"^/subscriptions/[^/]+/providers/Microsoft\.DBforPostgreSQL/locations/[^/]+/"
                           r"(?P<kind>azureAsyncOperation|operationResults)/(?P<op>[^/]+)$", re.IGNORECASE)
+DNS_LINKS_RE = re.compile(r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Network/"
+                          r"privateDnsZones/[^/]+/virtualNetworkLinks$", re.IGNORECASE)
+DIAGNOSTICS_RE = re.compile(r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.DBforPostgreSQL/"
+                            r"flexibleServers/(?P<name>[^/]+)/providers/Microsoft\.Insights/diagnosticSettings$",
+                            re.IGNORECASE)
 TOKEN = "test-token"
 
 
@@ -97,7 +102,13 @@ class FakeArm:
             self.never_finish: set[str] = set()  # server names whose operations stay InProgress
             self.fail_operations: dict[str, dict[str, str]] = {}  # server name -> error of its next operation
             self.delete_missing_status = 404
-            self.poll_retry_after: str | None = None  # Retry-After on operation answers (the SDK honours it)
+            self.poll_retry_after: str | None = None
+            # what the preflight reads: the caller's permissions (Contributor), DNS zone links (None: one link
+            # to the resource group's VNet), and diagnostic settings left by deleted servers (by server name)
+            self.permissions: list[dict[str, Any]] = [{"actions": ["*"], "notActions": [
+                "Microsoft.Authorization/*/Delete", "Microsoft.Authorization/*/Write"]}]
+            self.dns_links: list[dict[str, Any]] | None = None
+            self.diagnostic_settings: dict[str, list[dict[str, Any]]] = {}  # Retry-After on operation answers (the SDK honours it)
 
     @property
     def url(self) -> str:
@@ -232,6 +243,19 @@ class FakeArm:
             m = OPERATION_RE.match(path)
             if m and method == "GET":
                 return self._poll(m.group("kind"), m.group("op"))
+            if method == "GET" and path.lower().endswith("/providers/microsoft.authorization/permissions"):
+                return 200, {}, {"value": copy.deepcopy(self.permissions)}
+            m = DNS_LINKS_RE.match(path)
+            if m and method == "GET":
+                vnet = (f"/subscriptions/{m.group('sub')}/resourceGroups/{m.group('rg')}/providers/Microsoft.Network/"
+                        f"virtualNetworks/{m.group('rg')}-vnet")
+                links = self.dns_links if self.dns_links is not None else [
+                    {"name": "pg-link", "properties": {"virtualNetwork": {"id": vnet},
+                                                       "provisioningState": "Succeeded"}}]
+                return 200, {}, {"value": copy.deepcopy(links)}
+            m = DIAGNOSTICS_RE.match(path)
+            if m and method == "GET":
+                return 200, {}, {"value": copy.deepcopy(self.diagnostic_settings.get(m.group("name"), []))}
             m = SERVER_RE.match(path)
             if not m:
                 return 404, {}, _error("InvalidResourceType", f"no such endpoint {path}")

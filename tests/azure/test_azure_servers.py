@@ -404,17 +404,44 @@ class TestGeoRestoreAndPreflight:
     def test_preflight_of_a_vnet_server(self, servers, monkeypatch):
         monkeypatch.setenv("DR_AZURE_PG_PASSWORD", "pw-pw-pw-pw")
         checks = {name: (ok, detail) for name, ok, detail in servers.preflight(PRIMARY)}
-        assert set(checks) == {"server", "delegated subnet", "private DNS zone", "restore point", "admin password"}
-        assert all(ok for ok, _ in checks.values())
+        assert set(checks) == {"server", "delegated subnet", "private DNS zone", "private DNS zone link",
+                               "restore point", "admin password", "permissions"}
+        assert all(ok for ok, _ in checks.values()), checks
         assert checks["delegated subnet"][1].endswith("/subnets/postgres")
+
+    def test_preflight_finds_a_dns_zone_not_linked_and_missing_permissions(self, servers, arm, monkeypatch):
+        monkeypatch.setenv("DR_AZURE_PG_PASSWORD", "pw-pw-pw-pw")
+        arm.dns_links = [{"name": "other", "properties": {"virtualNetwork": {"id": "/subscriptions/x/other-vnet"}}}]
+        arm.permissions = [{"actions": ["Microsoft.DBforPostgreSQL/flexibleServers/read",
+                                        "Microsoft.DBforPostgreSQL/flexibleServers/*"],
+                            "notActions": ["Microsoft.DBforPostgreSQL/flexibleServers/delete"]}]
+        checks = {name: (ok, detail) for name, ok, detail in servers.preflight(PRIMARY)}
+        assert not checks["private DNS zone link"][0] and "links: other" in checks["private DNS zone link"][1]
+        assert not checks["permissions"][0]
+        assert checks["permissions"][1].startswith("missing on resource group") and \
+            "flexibleServers/delete" in checks["permissions"][1] and "flexibleServers/write" not in checks["permissions"][1]
+        arm.inject("GET", "Microsoft.Authorization/permissions", 403,
+                   body={"error": {"code": "AuthorizationFailed", "message": "no"}})
+        checks = {name: (ok, detail) for name, ok, detail in servers.preflight(PRIMARY)}
+        assert checks["permissions"] == (False, "could not check (not allowed to read it)")
+
+    def test_preflight_of_a_dropped_server_finds_leftover_diagnostic_settings(self, servers, arm, monkeypatch):
+        monkeypatch.setenv("DR_AZURE_PG_PASSWORD", "pw-pw-pw-pw")
+        servers.delete_server(PRIMARY, force=True)
+        arm.diagnostic_settings[PRIMARY] = [{"name": "to-log-analytics"}]
+        checks = {name: (ok, detail) for name, ok, detail in servers.preflight(PRIMARY)}
+        assert not checks["server"][0] and checks["permissions"][0] and checks["private DNS zone link"][0]
+        assert not checks["leftover diagnostic settings"][0]
+        assert "to-log-analytics" in checks["leftover diagnostic settings"][1]
 
     def test_preflight_of_a_public_server_and_a_missing_one(self, servers, arm):
         arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "public-pg", vnet=False)
         checks = {name: ok for name, ok, _ in servers.preflight("public-pg")}
         assert checks["server"] and not checks["delegated subnet"] and not checks["private DNS zone"]
         assert not checks["admin password"]
-        assert servers.preflight("missing-pg") == [("server", False, f"'missing-pg' not found in resource group "
-                                                                     f"'{RESOURCE_GROUP}'")]
+        missing = {name: (ok, detail) for name, ok, detail in servers.preflight("missing-pg")}
+        assert missing["server"] == (False, f"'missing-pg' not found in resource group '{RESOURCE_GROUP}'")
+        assert missing["leftover diagnostic settings"] == (True, "none left behind")
 
 
 class TestFactory:

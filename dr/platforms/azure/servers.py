@@ -174,6 +174,7 @@ class AzureServers(ServerPlatform):
     """
 
     name = "azure"
+    supports_geo_restore = True
 
     def __init__(self, client: PostgreSQLManagementClient, subscription_id: str, resource_group: str, *,
                  admin_user: str = "dradmin", default_template: str | None = None,
@@ -730,15 +731,101 @@ class AzureServers(ServerPlatform):
         return ConnInfo(host=s.fully_qualified_domain_name, port=PG_PORT, user=self.admin_user, dbname=database,
                         password=self._admin_password(), sslmode="require")
 
-    def preflight(self, name: str) -> list[tuple[str, bool, str]]:
-        """Checks worth doing before a restore of `name`: (check, ok, detail) for each.
+    # --- preflight ---------------------------------------------------------------------
 
-        Covers: the server is visible, it sits in a delegated subnet with a private DNS
-        zone (which a restore copies), Azure has a restore point, the admin password is set.
+    #: what a recovery does in the resource group, as ARM actions (checked against the caller's permissions)
+    NEEDED_ACTIONS = (
+        "Microsoft.DBforPostgreSQL/flexibleServers/read",
+        "Microsoft.DBforPostgreSQL/flexibleServers/write",
+        "Microsoft.DBforPostgreSQL/flexibleServers/delete",
+        "Microsoft.DBforPostgreSQL/flexibleServers/start/action",
+    )
+
+    def _arm_get(self, path: str, api_version: str) -> Any:
+        """GET any ARM resource through the management client's pipeline (auth, retries): JSON, or raises."""
+        from azure.core.rest import HttpRequest
+
+        request = HttpRequest("GET", f"{path}?api-version={api_version}")
+        response = self.client.send_request(request)
+        response.raise_for_status()
+        return response.json()
+
+    def _check(self, what: str, fn: Callable[[], tuple[bool, str]]) -> tuple[str, bool, str]:
+        try:
+            ok, detail = fn()
+        except (HttpResponseError, AzureError) as exc:
+            status = getattr(exc, "status_code", None)
+            reason = "not allowed to read it" if status in (401, 403) else f"HTTP {status}" if status else str(exc)
+            return what, False, f"could not check ({reason})"
+        return what, ok, detail
+
+    def _permissions(self) -> tuple[bool, str]:
+        """Whether the caller's role assignments on the resource group allow every NEEDED_ACTIONS."""
+        import fnmatch
+
+        rg = f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+        perms = self._arm_get(f"{rg}/providers/Microsoft.Authorization/permissions", "2022-04-01").get("value", [])
+
+        def allowed(action: str) -> bool:
+            a = action.lower()
+            for p in perms:
+                if any(fnmatch.fnmatchcase(a, x.lower()) for x in p.get("actions", [])) and \
+                        not any(fnmatch.fnmatchcase(a, x.lower()) for x in p.get("notActions", [])):
+                    return True
+            return False
+
+        missing = [a for a in self.NEEDED_ACTIONS if not allowed(a)]
+        if missing:
+            return False, f"missing on resource group '{self.resource_group}': {', '.join(missing)} (docs/azure.md)"
+        return True, f"allowed on resource group '{self.resource_group}'"
+
+    def _dns_link(self, dns_zone: str, subnet: str | None) -> tuple[bool, str]:
+        """Whether the private DNS zone is linked to the virtual network of the subnet."""
+        links = self._arm_get(f"{dns_zone}/virtualNetworkLinks", "2024-06-01").get("value", [])
+        vnet = subnet.split("/subnets/")[0].lower() if subnet else None
+        linked = [link for link in links
+                  if ((link.get("properties") or {}).get("virtualNetwork") or {}).get("id", "").lower() == vnet]
+        if vnet and linked:
+            return True, f"linked to {vnet.rsplit('/', 1)[-1]} ({linked[0].get('name')})"
+        names = ", ".join(link.get("name", "?") for link in links) or "none"
+        return False, (f"the zone is not linked to the server's virtual network (links: {names}): restored servers "
+                       "would not be found by name")
+
+    def _leftover_diagnostics(self, name: str) -> tuple[bool, str]:
+        """Diagnostic settings left by a deleted server of this name block re-creating it with them."""
+        found = self._arm_get(f"{self.resource_id(name)}/providers/Microsoft.Insights/diagnosticSettings",
+                              "2021-05-01-preview").get("value", [])
+        if found:
+            names = ", ".join(d.get("name", "?") for d in found)
+            return False, (f"diagnostic settings of the deleted '{name}' remain ({names}); delete them before "
+                           f"re-creating it: az monitor diagnostic-settings delete --resource "
+                           f"{self.resource_id(name)} --name <name>")
+        return True, "none left behind"
+
+    def preflight(self, name: str) -> list[tuple[str, bool, str]]:
+        """Checks worth doing before a restore or re-creation of `name`: (check, ok, detail) for each.
+
+        Read-only. For an existing server: it is visible, its delegated subnet and private DNS
+        zone (which a restore copies) and the zone's link to the VNet, a restore point, the
+        admin password, and the caller's permissions on the resource group. For a missing
+        one: the permissions, the network it had (as recorded when this tool dropped it),
+        and leftover diagnostic settings that would block re-creating it.
         """
+        password = ("admin password", bool(os.environ.get(PASSWORD_ENV)),
+                    f"{PASSWORD_ENV} is set" if os.environ.get(PASSWORD_ENV) else f"{PASSWORD_ENV} is not set")
+        roles = self._check("permissions", self._permissions)
         s = self._find(name)
         if s is None:
-            return [("server", False, f"'{name}' not found in resource group '{self.resource_group}'")]
+            out = [("server", False, f"'{name}' not found in resource group '{self.resource_group}'"), roles, password,
+                   self._check("leftover diagnostic settings", lambda: self._leftover_diagnostics(name))]
+            try:
+                net = (self._template_settings(name).get("network") or {})
+            except ServerNotFound:
+                return out
+            subnet, dns = net.get("delegatedSubnetResourceId"), net.get("privateDnsZoneArmResourceId")
+            if dns:
+                out.append(self._check("private DNS zone link", lambda: self._dns_link(dns, subnet)))
+            return out
         out = [("server", True, f"'{name}' is {_value(s.state)}, PostgreSQL {_value(s.version)}, in {s.location}")]
         net = s.network
         subnet = net.delegated_subnet_resource_id if net else None
@@ -746,9 +833,11 @@ class AzureServers(ServerPlatform):
         out.append(("delegated subnet", bool(subnet), subnet or "none: the server uses public access, and so will a "
                     "restored one"))
         out.append(("private DNS zone", bool(dns), dns or "none: a VNet server needs one to be found by name"))
+        if dns:
+            out.append(self._check("private DNS zone link", lambda: self._dns_link(dns, subnet)))
         earliest = s.backup.earliest_restore_date if s.backup else None
         out.append(("restore point", earliest is not None,
                     f"earliest {earliest.isoformat()}" if earliest else "Azure reports none yet"))
-        out.append(("admin password", bool(os.environ.get(PASSWORD_ENV)),
-                    f"{PASSWORD_ENV} is set" if os.environ.get(PASSWORD_ENV) else f"{PASSWORD_ENV} is not set"))
+        out.append(password)
+        out.append(roles)
         return out

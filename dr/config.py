@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from dr.errors import ConfigError
 
@@ -35,8 +35,13 @@ ENVIRONMENTS: dict[str, str] = {
 SERVER_NAME = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
 DATABASE_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
 SERVICE_NAME = r"^[a-z][a-z0-9]{1,19}$"
+#: Kubernetes: a namespace is an RFC 1123 label; deployments and ingresses RFC 1123 subdomains
+K8S_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+HOST_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$"
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
 DEFAULT_CONFIG_NAME = "dr.toml"
+DEFAULT_RECOVERY_SLOT_WAIT_MINUTES = 60.0
 
 
 class _Strict(BaseModel):
@@ -96,6 +101,15 @@ class Retention(_Strict):
     monthly: int = Field(default=6, ge=0)
 
 
+class GeoRestoreSettings(_Strict):
+    """Where the server-loss scenario's geo-restore puts the server in a region outage (Azure only)."""
+
+    location: str = Field(pattern=r"^[a-z][a-z0-9]{1,40}$", description="the paired region, e.g. ukwest")
+    server: str | None = Field(default=None, pattern=SERVER_NAME, description="default <server>-geo")
+    delegated_subnet_resource_id: str | None = Field(default=None, min_length=20)
+    private_dns_zone_arm_resource_id: str | None = Field(default=None, min_length=20)
+
+
 # --- environments and services -----------------------------------------------------------
 
 
@@ -104,7 +118,7 @@ class Environment(_Strict):
 
     platform: Literal["local", "azure"] = "local"
     app: Literal["local", "kubernetes"] = "local"
-    production: bool | None = None
+    production: StrictBool | None = None  # "no" is not false: production is never guessed from text
     server: str | None = Field(default=None, pattern=SERVER_NAME)
     database: str | None = Field(default=None, pattern=DATABASE_NAME)
     admin_user: str = Field(default="dradmin", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
@@ -114,11 +128,11 @@ class Environment(_Strict):
     storage_account: str | None = Field(default=None, pattern=r"^[a-z0-9]{3,24}$")
     container: str = Field(default="database-backup", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
     # Kubernetes
-    namespace: str | None = None
-    web_deployment: str | None = None
-    worker_deployment: str | None = None
-    ingress: str | None = None
-    temp_host: str | None = None
+    namespace: str | None = Field(default=None, pattern=K8S_LABEL)
+    web_deployment: str | None = Field(default=None, pattern=K8S_NAME, max_length=253)
+    worker_deployment: str | None = Field(default=None, pattern=K8S_NAME, max_length=253)
+    ingress: str | None = Field(default=None, pattern=K8S_NAME, max_length=253)
+    temp_host: str | None = Field(default=None, pattern=HOST_NAME, max_length=253)
     kube_context: str | None = None
     healthcheck_url: str | None = None
     # Behaviour
@@ -127,6 +141,10 @@ class Environment(_Strict):
     rpo_minutes: int = Field(default=26 * 60, gt=0)
     rto_minutes: int = Field(default=120, gt=0)
     approval_timeout_minutes: int = Field(default=8 * 60, gt=0)
+    #: how long a recovery waits for another recovery of the same environment before it gives up
+    recovery_slot_wait_minutes: float = Field(default=DEFAULT_RECOVERY_SLOT_WAIT_MINUTES, gt=0, le=24 * 60)
+    #: Azure: where a geo-restore goes in a region outage (needs geo-redundant backups)
+    geo_restore: GeoRestoreSettings | None = None
 
     @field_validator("subscription_id")
     @classmethod
@@ -163,7 +181,7 @@ class LocalSettings(_Strict):
     dropped_retention_days: int = Field(default=5, ge=0)
     archive_timeout_seconds: int = Field(default=60, ge=1)
     #: durable writes (initdb, base backups, the server's fsync); only test suites turn this off
-    fsync: bool = True
+    fsync: StrictBool = True
 
 
 class Notifications(_Strict):
@@ -228,7 +246,7 @@ class DrConfig(_Strict):
         import re
 
         for name in v:
-            if not re.match(SERVICE_NAME, name):
+            if not re.fullmatch(SERVICE_NAME, name):
                 raise ValueError(
                     f"service name '{name}' must be 2-20 lowercase letters or digits, starting with a letter"
                 )
@@ -332,6 +350,8 @@ class Target(BaseModel):
     rpo_minutes: int
     rto_minutes: int
     approval_timeout_minutes: int
+    recovery_slot_wait_minutes: float
+    geo_restore: GeoRestoreSettings | None = None
     sources: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property

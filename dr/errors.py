@@ -92,6 +92,22 @@ class ApprovalTimedOut(ApprovalRefused):
     """Nobody answered an approval gate in time; nothing destructive was done."""
 
 
+class EnvironmentBusy(DrError):
+    """The environment's recovery slot stayed taken: another recovery runs, or a crashed run still holds it.
+
+    Attributes:
+        slot: the Prefect global concurrency limit, `dr-<service>-<environment>`.
+        holders: what Prefect could tell about the runs that may hold it (may be empty).
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, slot: str, holders: list[str] | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.slot = slot
+        self.holders = holders or []
+
+
 # --- external programs --------------------------------------------------------------
 
 

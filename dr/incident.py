@@ -20,7 +20,7 @@ def new_incident_id(now: datetime | None = None) -> str:
 
 
 def check_incident_id(incident: str) -> str:
-    if not INCIDENT_ID.match(incident):
+    if not isinstance(incident, str) or not INCIDENT_ID.fullmatch(incident):
         raise InvalidInput(f"incident id {incident!r} must be 3-40 lowercase letters, digits and '-' "
                            "(it names backups and servers)")
     return incident

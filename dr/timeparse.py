@@ -11,15 +11,31 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dr.errors import InvalidRestoreTime
+
+#: the widest UTC offsets in use anywhere (UTC-12:00 to UTC+14:00)
+MAX_OFFSET = timedelta(hours=14)
+#: restore times before this are refused as nonsense (no backup or WAL goes back that far)
+EARLIEST_YEAR = 1990
 
 _FORMAT = re.compile(
     r"^\s*(?P<date>\d{4}-\d{2}-\d{2})[ T](?P<time>\d{2}:\d{2}(?::\d{2})?)"
     r"\s*(?P<off>Z|[+-]\d{2}:?\d{2}|UTC|GMT|BST)?\s*$",
     re.IGNORECASE,
 )
+
+
+def _zone(name: str) -> ZoneInfo:
+    """The IANA zone `name`, or `InvalidRestoreTime` naming it."""
+    try:
+        if not isinstance(name, str) or not name:
+            raise ValueError(name)
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        raise InvalidRestoreTime(f"unknown time zone {name!r} for the restore time; use an IANA name such as "
+                                 "Europe/London") from None
 
 
 def fmt_both(dt: datetime, zone: str) -> str:
@@ -37,10 +53,12 @@ def parse_restore_time(text: str, zone: str = "Europe/London") -> datetime:
         zone: the IANA zone of times typed without an offset.
 
     Raises:
-        InvalidRestoreTime: malformed, ambiguous, or non-existent in `zone`.
+        InvalidRestoreTime: malformed, ambiguous, or non-existent in `zone`; an unknown zone, an
+            offset more than 14 hours from UTC, or a time before 1990 (an epoch or a typo).
     """
     if not isinstance(text, str):
         raise InvalidRestoreTime(f"the restore time must be text like '2026-07-01 14:30', not {type(text).__name__}")
+    z = _zone(zone)
     m = _FORMAT.match(text)
     if not m:
         raise InvalidRestoreTime(
@@ -52,6 +70,9 @@ def parse_restore_time(text: str, zone: str = "Europe/London") -> datetime:
         naive = datetime.fromisoformat(f"{m.group('date')}T{t}")
     except ValueError as exc:
         raise InvalidRestoreTime(f"the restore time {text!r} is not a real date or time: {exc}") from exc
+    if naive.year < EARLIEST_YEAR:
+        raise InvalidRestoreTime(f"the restore time {text!r} is before {EARLIEST_YEAR}: no backup goes back that far "
+                                 "(a Unix epoch or a typo?)")
     off = (m.group("off") or "").upper()
     if off:
         if off in ("Z", "UTC", "GMT"):
@@ -61,10 +82,16 @@ def parse_restore_time(text: str, zone: str = "Europe/London") -> datetime:
         else:
             sign = 1 if off[0] == "+" else -1
             digits = off[1:].replace(":", "")
-            tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
-        return naive.replace(tzinfo=tz).astimezone(timezone.utc)
+            hours, minutes = int(digits[:2]), int(digits[2:])
+            if minutes > 59 or timedelta(hours=hours, minutes=minutes) > MAX_OFFSET:
+                raise InvalidRestoreTime(f"the offset {m.group('off')} of {text!r} is not a real UTC offset "
+                                         "(at most 14 hours either side of UTC)")
+            tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+        try:
+            return naive.replace(tzinfo=tz).astimezone(timezone.utc)
+        except OverflowError as exc:
+            raise InvalidRestoreTime(f"the restore time {text!r} is out of range") from exc
 
-    z = ZoneInfo(zone)
     first = naive.replace(tzinfo=z, fold=0)
     second = naive.replace(tzinfo=z, fold=1)
     if first.utcoffset() != second.utcoffset():

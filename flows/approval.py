@@ -180,3 +180,10 @@ def ask_recovery_choice(ref: Ref, timeline: Timeline, *, what: str, timeout_minu
         raise _timeout_error(ref, "revive or recreate", timeout_minutes, resume) from exc
     timeline.record("choice: revive or recreate", answer.choice, f"by {answer.approver}: {answer.reason}")
     return answer.choice
+
+
+def check_approval_timeout(minutes: int | None) -> None:
+    """Refuse a gate timeout that would time out (or fall back to the default) unasked, before anything."""
+    if minutes is not None and minutes < 1:
+        raise InvalidInput(f"approval_timeout_minutes must be 1 or more, not {minutes}",
+                           world_state="nothing was changed")

@@ -20,7 +20,7 @@ from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT, TAG_RESTORE_TIME, TAG_SOURCE
 from dr.runtime import Ref
 from dr.timeparse import check_in_window, fmt_both, parse_restore_time
-from flows.approval import approve, ask_restore_time, check_auto_approve
+from flows.approval import approve, ask_restore_time, check_auto_approve, check_approval_timeout
 from flows.common import Timeline, recovery_lock, run_logger, validate_step
 from flows.plan import plan_data_loss, publish_plan
 from flows.ptr import ptr_server_name
@@ -84,6 +84,7 @@ def data_loss(
         wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
         config_path: the configuration file.
     """
+    check_approval_timeout(approval_timeout_minutes)
     ref = Ref(service, environment, config_path)
     rt = ref.rt()
     t = rt.target

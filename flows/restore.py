@@ -13,6 +13,21 @@ from tasks.database import database_exists_task, restore_backup_task, table_coun
 RESTORABLE_KINDS = ("nightly", "adhoc", "ptr", "drill", "unknown")
 
 
+def check_restore_parameters(*, backup: str | None, database: str | None, jobs: int) -> None:
+    """Refuse bad restore parameters before anything is touched (an empty shell variable is not "the newest")."""
+    from dr.database import SAFE_NAME
+    from dr.errors import InvalidInput
+
+    if backup is not None and not backup.strip():
+        raise InvalidInput("backup: an empty backup name; leave it out to restore the newest complete backup",
+                           world_state="nothing was changed")
+    if database is not None and not SAFE_NAME.fullmatch(database):
+        raise InvalidInput(f"database: {database!r} is not a plain PostgreSQL name (lowercase letters, digits, '_', "
+                           "at most 63)", world_state="nothing was changed")
+    if jobs < 1:
+        raise InvalidInput(f"jobs: must be 1 or more, not {jobs}", world_state="nothing was changed")
+
+
 @flow(name="restore-database", log_prints=True)
 def restore_database(
     service: str,
@@ -42,6 +57,7 @@ def restore_database(
     """
     ref = Ref(service, environment, config_path)
     log = run_logger()
+    check_restore_parameters(backup=backup, database=database, jobs=jobs)
     with recovery_lock(ref):
         try:
             info = find_backup(ref, name=backup, kinds=None if backup else RESTORABLE_KINDS)

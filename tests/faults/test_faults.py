@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
-from dr.errors import BackupCorrupted, BackupError, InvalidRestoreTime, RestoreError
+from dr.errors import BackupCorrupted, BackupError, EnvironmentBusy, InvalidRestoreTime, RestoreError
 from dr.platforms.base import TAG_INCIDENT
 from flows.backup import backup_database
 from flows.data_loss import data_loss
@@ -205,7 +205,10 @@ class TestDamagedBackup:
         (truncate, "custom", 2),
         (flip_a_bit, "custom", 1),
         (truncate, "plain-gzip", 1),
-    ], ids=["truncated-custom-spooled", "bit-flipped-custom-streamed", "truncated-sql-gz"])
+        (truncate, "custom-zstd", 2),
+        (flip_a_bit, "custom-zstd", 1),
+    ], ids=["truncated-custom-spooled", "bit-flipped-custom-streamed", "truncated-sql-gz",
+            "truncated-custom-zstd-spooled", "bit-flipped-custom-zstd-streamed"])
     def test_restore_is_refused_and_the_live_database_is_unchanged(self, world_env, damage, fmt, jobs):
         env = world_env
         name = take_backup(env, backup_format=fmt)
@@ -481,6 +484,30 @@ class TestConcurrentRestores:
         assert after.live != before.live
 
 
+class TestEnvironmentHeldByADeadRun:
+    """Fault 10b: the recovery slot is taken and no run will free it (a run died holding it)."""
+
+    def test_a_restore_gives_up_with_the_command_to_free_it_and_changes_nothing(self, world_env, tmp_path):
+        env = world_env
+        backup = take_backup(env)
+        config = with_slot_wait(env.config_path, minutes=0.05, copy_to=tmp_path / "dr.toml")  # 3 s
+        before = snapshot(env)
+        take_recovery_slot()
+        try:
+            run = in_thread(restore_database, service="apply", environment="development", config_path=config,
+                            backup=backup).join(120)
+        finally:
+            free_recovery_slot()
+        after = snapshot(env)
+        assert isinstance(run.error, EnvironmentBusy), run.error
+        assert run.error.slot == RECOVERY_SLOT
+        assert "prefect gcl update dr-apply-development --active-slots 0" in str(run.error)
+        assert "no recovery run of apply development is Running or Paused" in str(run.error)
+        assert_says_world_state(run.error)
+        assert_nothing_lost(before, after)
+        assert after.backups == before.backups, "a safety backup was taken although the restore never started"
+
+
 # --- 6. the worker killed mid-scenario ----------------------------------------------------------
 
 
@@ -491,6 +518,30 @@ def _london(t) -> str:
 RECOVERY_SLOT = "dr-apply-development"
 #: how long a re-run may wait for the slot of the run that was killed (its lease is 120 s)
 SLOT_WAIT_SECONDS = 150
+
+
+def with_slot_wait(config_path: str, *, minutes: float, copy_to: Path | None = None) -> str:
+    """Set the development environment's `recovery_slot_wait_minutes` (in place, or in a copy)."""
+    section = "[services.apply.environments.development]\n"
+    text = Path(config_path).read_text()
+    assert section in text
+    out = copy_to or Path(config_path)
+    out.write_text(text.replace(section, f"{section}recovery_slot_wait_minutes = {minutes}\n"))
+    return str(out)
+
+
+def take_recovery_slot(name: str = RECOVERY_SLOT) -> None:
+    """What a run that died holding the slot leaves behind: the slot taken, and no live run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
 
 
 def free_recovery_slot(name: str = RECOVERY_SLOT) -> None:
@@ -510,6 +561,8 @@ def free_recovery_slot(name: str = RECOVERY_SLOT) -> None:
 def worker_killed_mid_scenario(base_dir, prefect_server, tmp_path_factory):
     """Run data-loss in a separate process, SIGKILL it once its PTR server exists, then re-run it here."""
     env = make_env(base_dir, "killed-worker")
+    # the re-run gives up on the killed run's slot after a minute (default an hour) and says how to free it
+    with_slot_wait(env.config_path, minutes=1)
     env.up()
     obs: dict = {"env": env}
     try:
@@ -599,10 +652,14 @@ class TestWorkerKilledMidScenario:
                             new_backup_kinds={"pre-restore-safety", "ptr"}, replaced_databases=1)
         assert not obs["app_after"].maintenance and obs["app_after"].replicas == obs["app_before"].replicas
 
-    @pytest.mark.xfail(strict=True, reason="the killed run's recovery slot is leased for 120 s and only the Prefect "
-                                           "server's repossessor service revokes it (it does not run on an ephemeral "
-                                           "or --no-services server, so never here); recovery_lock waits forever "
-                                           "(wait_seconds=None) and says nothing, so the re-run of the SAME incident "
-                                           "hangs with no hint of why or how to free the slot")
     def test_the_rerun_is_not_held_silently_by_the_killed_runs_slot(self, worker_killed_mid_scenario):
-        assert not worker_killed_mid_scenario["held_silently"]
+        obs = worker_killed_mid_scenario
+        assert not obs["held_silently"], "the re-run waited for the killed run's slot with no end"
+        err = obs["slot_error"]
+        assert isinstance(err, EnvironmentBusy), f"the re-run was not told the environment is held: {err!r}"
+        text = str(err)
+        assert text.startswith("failed during take the recovery slot: the recovery slot dr-apply-development")
+        assert "nothing was changed by this run" in text
+        assert "prefect gcl update dr-apply-development --active-slots 0" in text
+        # the killed run is still Running as far as Prefect knows: it is named as the likely holder
+        assert any("data-loss run" in h and "incident inc-killed-worker" in h for h in err.holders), err.holders

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -37,6 +38,7 @@ from dr.errors import (
     CommandError,
     ConfigError,
     ConnectionFailed,
+    InvalidInput,
     InvalidRestoreTime,
     OperationTimedOut,
     PlatformError,
@@ -137,6 +139,11 @@ class LocalServers(ServerPlatform):
             os.lchown(p, pw.pw_uid, pw.pw_gid)
 
     def _dir(self, name: str) -> Path:
+        from dr.config import SERVER_NAME
+
+        if not isinstance(name, str) or not re.fullmatch(SERVER_NAME, name):
+            raise InvalidInput(f"server: {name!r} is not a server name (lowercase letters, digits and '-', 3-63)",
+                               world_state="nothing was changed")
         return self.servers_dir / name
 
     def _meta(self, name: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def check_backup_name(name: str) -> str:
     """Refuse names that could escape the store or confuse a shell."""
     import re
 
-    if not re.match(NAME_RE, name) or ".." in name or name.endswith(META_SUFFIX):
+    if not isinstance(name, str) or not re.fullmatch(NAME_RE, name) or ".." in name or name.endswith(META_SUFFIX):
         raise InvalidInput(f"invalid backup name {name!r}: use letters, digits, '.', '_' and '-' only")
     return name
 

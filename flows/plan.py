@@ -137,6 +137,14 @@ def plan_server_loss(ref: Ref, backup: str | None) -> Plan:
     dropped = [d for d in rt.servers.list_dropped_servers() if d.name == t.server]
     plan.facts["revivable"] = (f"yes, dropped {dropped[0].dropped_at:%Y-%m-%d %H:%M} UTC, until "
                                f"{dropped[0].revivable_until:%Y-%m-%d %H:%M} UTC" if dropped else "no")
+    if rt.servers.supports_geo_restore and t.geo_restore:
+        from tasks.servers import geo_server_name
+
+        plan.facts["geo-restore (region outage)"] = (f"available: recovery=geo-restore makes "
+                                                     f"{geo_server_name(t.server, t.geo_restore.server)} in "
+                                                     f"{t.geo_restore.location}")
+    elif rt.servers.supports_geo_restore:
+        plan.facts["geo-restore (region outage)"] = "not configured (geo_restore = { location = ... })"
     try:
         info = rt.store.get_backup(backup) if backup else latest_complete_backup(rt.store, kinds=("nightly",))
         at = info.finished_at or info.created_at

@@ -1,7 +1,8 @@
 """Scenario 1 of the runbook: loss of the database server.
 
 Maintenance on → revive the dropped server, or recreate it and restore the newest
-complete nightly backup → validate → (approval) maintenance off → report.
+complete nightly backup, or (Azure, region outage) geo-restore it into the paired region →
+validate → (approval) maintenance off → report.
 
 Re-running with the same incident id continues: a revived or recreated server is
 recognised, and a database already restored from the chosen backup is not restored again.
@@ -14,11 +15,11 @@ from typing import Literal
 
 from prefect import flow
 
-from dr.errors import DrError, InvalidInput
+from dr.errors import DrError, InvalidInput, ServerExists, ValidationFailed
 from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT
 from dr.runtime import Ref
-from flows.approval import approve, ask_recovery_choice, check_auto_approve
+from flows.approval import approve, ask_recovery_choice, check_auto_approve, check_approval_timeout
 from flows.common import Timeline, recovery_lock, run_logger, validate_step
 from flows.plan import plan_server_loss, publish_plan
 from tasks.backups import find_backup
@@ -26,7 +27,15 @@ from tasks.database import database_exists_task, restore_backup_task
 from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_app, wait_until_healthy
 from tasks.notifications import flow_run_link, notify
 from tasks.reports import publish_report
-from tasks.servers import get_server_task, list_dropped_servers_task, recreate_server_task, revive_server_task
+from tasks.servers import (
+    geo_restore_task,
+    geo_server_name,
+    get_server_task,
+    list_dropped_servers_task,
+    recreate_server_task,
+    revive_server_task,
+)
+from tasks.validation import run_service_checks
 
 NIGHTLY_KINDS = ("nightly",)
 
@@ -35,7 +44,7 @@ NIGHTLY_KINDS = ("nightly",)
 def server_loss(
     service: str,
     environment: str,
-    recovery: Literal["auto", "revive", "recreate"] = "auto",
+    recovery: Literal["auto", "revive", "recreate", "geo-restore"] = "auto",
     backup: str | None = None,
     incident: str | None = None,
     auto_approve: bool = False,
@@ -53,7 +62,9 @@ def server_loss(
     Args:
         service: the service short name.
         environment: the environment.
-        recovery: `auto` asks (or, with auto_approve, revives when possible); `revive` or `recreate` to decide now.
+        recovery: `auto` asks (or, with auto_approve, revives when possible); `revive` or `recreate` to decide
+            now; `geo-restore` (Azure, region outage) restores the geo-redundant backup onto a new server in the
+            configured paired region, and pauses for the app to be pointed at it.
         backup: the backup to restore after a recreate; default the newest complete nightly backup.
         incident: the incident id; re-run with the same id to resume. Generated when empty.
         auto_approve: approve every gate (non-production drills only; refused for production).
@@ -62,18 +73,27 @@ def server_loss(
         wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
         config_path: the configuration file.
     """
+    check_approval_timeout(approval_timeout_minutes)
     ref = Ref(service, environment, config_path)
     t = ref.rt().target
     log = run_logger()
     check_auto_approve(ref, auto_approve)
     incident = check_incident_id(incident) if incident else new_incident_id()
+    if recovery == "geo-restore":
+        if not ref.rt().servers.supports_geo_restore:
+            raise InvalidInput(f"geo-restore is not possible on the {t.platform} platform: it restores Azure's "
+                               "geo-redundant backup into another region")
+        if t.geo_restore is None:
+            raise InvalidInput(f"geo-restore needs the paired region: set geo_restore = {{ location = \"...\" }} "
+                               f"(and the subnet and DNS zone there) for services.{service}.environments.{environment}")
     plan = plan_server_loss(ref, backup)
     publish_plan(plan)
     if plan_only:
         return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
 
-    # nothing lost: refuse before touching anything (a server this incident brought back is a resume)
-    srv = get_server_task(ref)
+    # nothing lost: refuse before touching anything (a server this incident brought back is a resume);
+    # a geo-restore leaves the server alone (in a region outage Azure may even call it Ready)
+    srv = get_server_task(ref) if recovery != "geo-restore" else None
     if srv is not None and srv.state == "Ready" and srv.tags.get(TAG_INCIDENT) != incident:
         revived = srv.tags.get("dr-revived-at")
         recent = revived and datetime.now(timezone.utc) - datetime.fromisoformat(revived) < timedelta(hours=24)
@@ -104,8 +124,20 @@ def server_loss(
                 state = "maintenance page on"
 
             with timeline.step("bring the server back") as ev:
-                srv = get_server_task(ref)
-                if srv is not None:
+                srv = get_server_task(ref) if recovery != "geo-restore" else None
+                if recovery == "geo-restore":
+                    assert t.geo_restore is not None
+                    geo_name = geo_server_name(t.server, t.geo_restore.server)
+                    srv = get_server_task(ref, geo_name)
+                    if srv is not None and srv.tags.get(TAG_INCIDENT) != incident:
+                        raise ServerExists(f"server {geo_name} exists and is not this incident's geo-restore",
+                                           server=geo_name)
+                    if srv is None:
+                        srv = geo_restore_task(ref, tags={TAG_INCIDENT: incident})
+                        record.servers_created.append(srv.name)
+                    how = "geo-restored"
+                    ev.detail = f"{t.server} geo-restored as {srv.name} in {t.geo_restore.location} ({srv.host})"
+                elif srv is not None:
                     how = "revived" if "dr-revived-at" in srv.tags else "recreated"
                     ev.detail = f"{t.server} already back ({how}); continuing"
                 else:
@@ -129,8 +161,9 @@ def server_loss(
                         how = "recreated"
                         record.servers_created.append(srv.name)
                     ev.detail = f"{how} {srv.name}"
-                record.facts["server"] = f"{how}: {t.server}"
-                state = f"server {t.server} {how}; maintenance page on"
+                record.facts["server"] = f"{how}: {t.server}" if srv.name == t.server else \
+                    f"{how}: {srv.name} in place of {t.server}"
+                state = f"server {srv.name} {how}; maintenance page on"
 
             if how == "recreated":
                 with timeline.step("restore the newest nightly backup") as ev:
@@ -140,10 +173,36 @@ def server_loss(
                     res = restore_backup_task(ref, backup=info.name, jobs=2)
                     ev.detail = f"{info.name} ({'already restored' if res.already_done else 'restored and verified'})"
                     state = f"server {t.server} recreated and holds backup {info.name}; maintenance page on"
+            elif how == "geo-restored":
+                record.facts["data loss"] = ("what was not yet geo-replicated: Azure copies backups to the paired "
+                                             "region with a lag of up to about an hour")
+                with timeline.step(f"check the data on {srv.name}") as ev:
+                    results = run_service_checks(ref, server=srv.name, healthcheck=False)
+                    ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
+                    failed = [r.name for r in results if r.required and not r.passed]
+                    if failed:
+                        raise ValidationFailed(f"required checks failed on {srv.name}: {', '.join(failed)}",
+                                               failed=failed)
+                state = f"{srv.name} geo-restored and checked; the app still points at {t.server}; maintenance on"
+                d = approve(ref, timeline, gate="switch the app to the geo-restored server", auto_approve=auto_approve,
+                            timeout_minutes=timeout, resume=resume,
+                            what=(f"point the app's database host at {srv.host} (server {srv.name}), e.g. its "
+                                  f"DATABASE_URL secret, and set server = \"{srv.name}\" for {service} {environment} "
+                                  "in dr.toml; approve once done"))
+                record.decisions.append(d.line())
             else:
                 record.facts["data loss"] = "none: the revived server keeps all committed data"
 
-            record.validated = validate_step(ref, timeline)
+            if how == "geo-restored":
+                with timeline.step("validate") as ev:
+                    results = run_service_checks(ref, server=srv.name)
+                    ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
+                    failed = [r.name for r in results if r.required and not r.passed]
+                    if failed:
+                        raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
+                record.validated = datetime.now(timezone.utc)
+            else:
+                record.validated = validate_step(ref, timeline)
 
             d = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve, timeout_minutes=timeout,
                         resume=resume, what=f"service validated on the {how} server; send users back")

@@ -67,3 +67,19 @@ def recreate_server_task(ref: Ref, name: str | None = None, tags: dict[str, str]
     if rt.servers.server_exists(name):
         return rt.servers.get_server(name)
     return rt.servers.create_server(name, like=name, tags=tags)
+
+
+@dr_task(retries=1)
+def geo_restore_task(ref: Ref, tags: dict[str, str] | None = None) -> ServerInfo:
+    """Restore the server from its geo-redundant backup into the configured paired region (reused if made)."""
+    rt = ref.rt()
+    geo = rt.target.geo_restore
+    assert geo is not None  # checked by the flow before anything is changed
+    return rt.servers.geo_restore(rt.target.server, geo_server_name(rt.target.server, geo.server),
+                                  location=geo.location, delegated_subnet_resource_id=geo.delegated_subnet_resource_id,
+                                  private_dns_zone_arm_resource_id=geo.private_dns_zone_arm_resource_id, tags=tags)
+
+
+def geo_server_name(server: str, configured: str | None = None) -> str:
+    """The geo-restored server's name: configured, or `<server>-geo`."""
+    return configured or server[:59].rstrip("-") + "-geo"

@@ -107,6 +107,18 @@ class ServerPlatform(abc.ABC):
                               tags: dict[str, str] | None = None, timeout: float = 3600) -> ServerInfo:
         """Restore `source` as it was at the given UTC time onto a NEW server `new_name`."""
 
+    #: whether `geo_restore` is available (a platform with regions and geo-redundant backups)
+    supports_geo_restore: bool = False
+
+    def geo_restore(self, source: str, new_name: str, *, location: str, point_in_time_utc: datetime | None = None,
+                    delegated_subnet_resource_id: str | None = None, private_dns_zone_arm_resource_id: str | None = None,
+                    tags: dict[str, str] | None = None, timeout: float = 3600) -> ServerInfo:
+        """Restore `source` from its geo-redundant backup onto a NEW server in another region."""
+        from dr.errors import PlatformError
+
+        raise PlatformError(f"the {self.name} platform has no regions: geo-restore needs Azure with "
+                            "geo-redundant backups")
+
     @abc.abstractmethod
     def connection(self, name: str, database: str) -> ConnInfo:
         """Connection settings (with the admin password) for a database on a server."""

@@ -101,6 +101,8 @@ class BackedArm(FakeArm):
         self.local = local
         self.admin_user, self.admin_password = admin_user, admin_password
         self.forwarders: dict[str, Forwarder] = {}
+        #: how far the paired region's copy reaches (a geo-restore gets no later than this)
+        self.geo_replicated_until: datetime | None = None
         super().__init__(cert_file, key_file)
 
     def reset(self) -> None:
@@ -175,6 +177,13 @@ class BackedArm(FakeArm):
             source = props["sourceServerResourceId"].rstrip("/").rsplit("/", 1)[-1]
             when = datetime.fromisoformat(props["pointInTimeUTC"].replace("Z", "+00:00"))
             self.local.point_in_time_restore(source, name, when)
+            self.azurify(name)
+        elif mode == "GeoRestore":
+            # the paired region's copy: the source's archive up to the last WAL it shipped
+            source = props["sourceServerResourceId"].rstrip("/").rsplit("/", 1)[-1]
+            when = datetime.fromisoformat(props["pointInTimeUTC"].replace("Z", "+00:00"))
+            latest = self.geo_replicated_until or self.local.get_restore_window(source).latest
+            self.local.point_in_time_restore(source, name, min(when, latest))
             self.azurify(name)
         elif mode == "ReviveDropped":
             self.local.revive_dropped_server(name)

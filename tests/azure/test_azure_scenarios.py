@@ -44,6 +44,7 @@ resource_group = "{resource_group}"
 storage_account = "{account}"
 container = "{container}"
 admin_user = "azadmin"   # the local platform's own administrator is dradmin
+geo_restore = {{ location = "ukwest", delegated_subnet_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/virtualNetworks/ukwest-vnet/subnets/postgres" }}
 checks = [
   {{ kind = "healthcheck" }},
   {{ kind = "row_count", table = "candidates", min = 1 }},
@@ -262,13 +263,68 @@ class TestPlanOnAzure:
 
         env = azure_env
         puts_before = len(env.arm.calls("PUT"))
-        r = data_loss(**env.kw(), restore_time=london(datetime.now(timezone.utc) - timedelta(seconds=5)),
+        time.sleep(3)  # past the start of the window (the base backup taken when the fixture published the server)
+        r = data_loss(**env.kw(), restore_time=london(datetime.now(timezone.utc) - timedelta(seconds=1)),
                       plan_only=True)
         assert "preflight: delegated subnet: ok" in r["plan"] and "preflight: restore point: ok" in r["plan"]
         assert r["blockers"] == []
         monkeypatch.delenv("DR_AZURE_PG_PASSWORD")
-        r = data_loss(**env.kw(), restore_time=london(datetime.now(timezone.utc) - timedelta(seconds=5)),
+        r = data_loss(**env.kw(), restore_time=london(datetime.now(timezone.utc) - timedelta(seconds=1)),
                       plan_only=True)
         assert any("admin password" in b and "DR_AZURE_PG_PASSWORD" in b for b in r["blockers"]), r["blockers"]
         assert len(env.arm.calls("PUT")) == puts_before and env.blobs() == []
         assert not env.platform.app.get_status().maintenance
+
+
+class TestGeoRestoreOnAzure:
+    def test_region_outage_geo_restore_then_the_app_is_switched_by_a_person(self, azure_env):
+        import json
+        import threading
+
+        from dr.prefect_api import resume_with_input
+        from flows.server_loss import server_loss
+        from tests.test_scenarios import wait_paused
+
+        env = azure_env
+        env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 27) g")
+        local = env.arm.local
+        time.sleep(1.2)
+        env.arm.geo_replicated_until = datetime.now(timezone.utc).replace(microsecond=0)  # the region's copy lags
+        time.sleep(1.2)
+        env.query("INSERT INTO markers VALUES (28)")  # not yet replicated: lost with the region
+        local._force_archive(env.target.server)
+        local.stop_server(env.target.server)  # the region is down: the server does not answer
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.update(r=server_loss(**env.kw(), recovery="geo-restore",
+                                                                      incident="inc-az-geo")), daemon=True)
+        th.start()
+        run_id = wait_paused("server-loss")  # switch the app to the new server
+        geo = f"{env.target.server}-geo"
+        (body,) = env.bodies(geo)
+        assert body["properties"]["createMode"] == "GeoRestore" and body["location"] == "ukwest"
+        assert body["properties"]["network"]["delegatedSubnetResourceId"].endswith("/ukwest-vnet/subnets/postgres")
+        assert body["properties"]["sourceServerResourceId"].endswith(f"/flexibleServers/{env.target.server}")
+        assert env.scalar("SELECT count(*) FROM markers", server=geo) == 27
+        # the person points the app at the geo-restored server, then approves
+        app_json = env.platform.app.json
+        app = json.loads(app_json.read_text())
+        app["server"] = geo
+        app_json.write_text(json.dumps(app))
+        resume_with_input(run_id, run_input={"approve": True, "approver": "Ada", "reason": "DATABASE_URL updated"})
+        time.sleep(2)
+        run_id = wait_paused("server-loss")  # disable maintenance
+        resume_with_input(run_id, run_input={"approve": True, "approver": "Ada"})
+        th.join(300)
+        assert box["r"]["recovery"] == "geo-restored", box
+        assert not env.platform.app.get_status().maintenance and env.platform.app.healthcheck()[0] == 200
+        assert not env.arm.server_calls("DELETE", env.target.server)  # the old server is left alone
+
+    def test_geo_restore_is_refused_on_the_local_platform_before_anything(self, base_dir):
+        from dr.errors import InvalidInput
+        from flows.server_loss import server_loss
+        from tests.helpers import make_env
+
+        env = make_env(base_dir, "geo-local")
+        with pytest.raises(InvalidInput, match="not possible on the local platform"):
+            server_loss(**env.kw(), recovery="geo-restore", auto_approve=True)
+        assert env.platform.servers.list_servers() == []

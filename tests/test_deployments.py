@@ -169,3 +169,50 @@ def test_crashed_runs_are_announced_to_the_configured_webhooks():
     request = block._build_request_args(body="the body", subject="the subject")
     assert request["url"] == url and request["json"] == {"text": "the subject\nthe body"}
     assert a.actions[0].block_document_id == block._block_document_id
+
+
+class TestKubernetesWorkPool:
+    """deployments/kubernetes.prefect.yaml: the recovery flows as Kubernetes Jobs (prefect-kubernetes)."""
+
+    def test_deployments_register_on_a_kubernetes_pool_and_render_a_job_with_secrets_only_by_reference(self):
+        import asyncio
+        import json
+
+        from prefect.client.orchestration import get_client
+        from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+        template = ROOT / "deployments" / "kubernetes-base-job-template.json"
+        r = cli("work-pool", "create", "dr-kubernetes", "--type", "kubernetes", "--base-job-template", str(template),
+                "--overwrite")
+        assert r.returncode == 0, r.stdout + r.stderr
+        env = {**api_env(), "DR_IMAGE": "registry.example/dr-orchestrator:1.2.3"}
+        r = subprocess.run([sys.executable, "-m", "prefect", "deploy", "--all", "--prefect-file",
+                            "deployments/kubernetes.prefect.yaml"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        k8s = yaml.safe_load((ROOT / "deployments" / "kubernetes.prefect.yaml").read_text())
+        with get_client(sync_client=True) as client:
+            pool = client.read_work_pool("dr-kubernetes")
+            assert pool.type == "kubernetes"
+            deps = [d for d in client.read_deployments() if d.work_pool_name == "dr-kubernetes"]
+            assert len(deps) == len(k8s["deployments"])
+            dl = client.read_deployment_by_name("data-loss/apply-production")
+            assert dl.work_pool_name == "dr-kubernetes" and dl.parameters == {"service": "apply",
+                                                                              "environment": "production"}
+        vars_ = dl.job_variables
+        assert vars_["image"] == "registry.example/dr-orchestrator:1.2.3" and vars_["backoff_limit"] == 0
+
+        config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+            pool.base_job_template, vars_))
+        manifest = config.job_manifest
+        pod = manifest["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert manifest["metadata"]["namespace"] == "dr" and pod["serviceAccountName"] == "dr-orchestrator"
+        assert container["image"] == "registry.example/dr-orchestrator:1.2.3"
+        assert container["envFrom"] == [{"secretRef": {"name": "dr-orchestrator"}}]
+        assert config.env["DR_CONFIG"] == "/etc/dr/dr.toml" and config.env["DR_AZURE_STATE_DIR"] == "/var/lib/dr"
+        assert {v["name"]: v for v in pod["volumes"]}["dr-state"]["persistentVolumeClaim"]["claimName"] == "dr-state"
+        assert manifest["spec"]["backoffLimit"] == 0
+        # no secret value anywhere in what the server stores: only the Secret's name
+        stored = json.dumps(pool.base_job_template) + json.dumps(vars_)
+        assert "PASSWORD" not in stored.replace("DR_AZURE_PG_PASSWORD, webhook URLs", "")

@@ -24,8 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ import httpx
 import pytest
 
 from tests.helpers import utc_now, wait_a_second
+from tests.processes import PrefectServer, env_without_prefect, stop_group
 
 pytestmark = pytest.mark.ui
 
@@ -80,69 +79,20 @@ def ui_tools():
         pytest.skip(f"UI test skipped: {why}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class UiServer(PrefectServer):
+    """A Prefect server with its UI (the v1 UI, whose CSS the test's selectors know)."""
 
-
-def _env_without_prefect(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test started, with its session (uvicorn, workers)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
-
-
-class UiServer:
     def __init__(self, root: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api = f"{self.url}/api"
-        self.log = root / "prefect-server.log"
-        env = _env_without_prefect(
-            PREFECT_HOME=str(root / "server-home"),
-            PREFECT_API_URL=self.api,  # what the UI is told to call
-            PREFECT_SERVER_UI_ENABLED="true",
-            PREFECT_SERVER_UI_STATIC_DIRECTORY=str(root / "ui-static"),  # not into site-packages
-            PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_SERVER_LOGGING_LEVEL="WARNING",
-        )
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--no-services"],
-                env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        super().__init__(root, ui=True)
+        self.start()
 
-    def wait_ready(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"prefect server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                settings = httpx.get(f"{self.url}/ui-settings", timeout=5).json()
-                if httpx.get(f"{self.api}/health", timeout=5).status_code == 200:
-                    assert "v1" in settings["available_uis"], settings
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"prefect server not up within {timeout} s:\n{self.log.read_text()[-3000:]}")
+    def wait_ready(self, timeout: float = 240) -> None:  # type: ignore[override]
+        def v1_ui() -> bool:
+            settings = httpx.get(f"{self.url}/ui-settings", timeout=5).json()
+            assert "v1" in settings["available_uis"], settings
+            return True
+
+        super().wait_ready(timeout, also=v1_ui)
 
     def flow_run(self, run_id: str) -> dict:
         r = httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=10)
@@ -155,7 +105,7 @@ def ui_server(ui_tools, tmp_path):
     """A Prefect server with the UI, started now (it boots while the local platform comes up)."""
     server = UiServer(tmp_path)
     yield server
-    _stop(server.proc)
+    server.stop()
 
 
 def _wait_for_gate(server: UiServer, flow: subprocess.Popen, pause_key: str, timeout: float = 240) -> str:
@@ -235,7 +185,7 @@ def test_approval_in_the_prefect_ui_lets_a_paused_data_loss_run_complete(ui_serv
     flow_log = tmp_path / "flow.log"
     kw = {**live_env.kw(), "restore_time": restore_utc.strftime("%Y-%m-%d %H:%M:%SZ"), "incident": "inc-ui",
           "approval_timeout_minutes": 10}
-    env = _env_without_prefect(
+    env = env_without_prefect(
         PREFECT_HOME=str(tmp_path / "client-home"), PREFECT_API_URL=ui_server.api, PREFECT_UI_URL=ui_server.url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false", DR_PAUSE_POLL_SECONDS="1")
     with open(flow_log, "wb") as log:
@@ -272,7 +222,7 @@ def test_approval_in_the_prefect_ui_lets_a_paused_data_loss_run_complete(ui_serv
             finally:
                 browser.close()
     finally:
-        _stop(flow)
+        stop_group(flow)
     log_tail = flow_log.read_text(errors="replace")[-4000:]
 
     assert out.exists(), f"the flow process wrote no result:\n{log_tail}"

@@ -12,9 +12,6 @@ world: the restored rows, or nothing destructive done and an error that says how
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +22,7 @@ import pytest
 
 from tests.faults.harness import assert_nothing_lost, live_state, snapshot
 from tests.helpers import make_env, utc_now, wait_a_second
+from tests.processes import PrefectServer, env_without_prefect, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -54,68 +52,12 @@ resume_with_input(uuid.UUID(sys.argv[1]), json.loads(sys.argv[2]), wait_seconds=
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test started, with its session (uvicorn's children)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
-
-
-class Server:
+class Server(PrefectServer):
     """`prefect server start --no-services` on a fixed port and its own database; restartable."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.starts = 0
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 240) -> None:
-        self.starts += 1
-        log = self.root / f"prefect-server-{self.starts}.log"
-        env = _env(PREFECT_HOME=str(self.root / "server-home"), PREFECT_API_URL=self.api,
-                   PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--no-services"], env=env, cwd=self.root, stdin=subprocess.DEVNULL, stdout=fh,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"prefect server exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.api}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"prefect server not up within {timeout} s:\n{log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
+    def start(self, timeout: float = 240) -> None:  # type: ignore[override]
+        super().start()
+        self.wait_ready(timeout)
 
     def data_loss_run(self) -> dict | None:
         runs = httpx.post(f"{self.api}/flow_runs/filter", timeout=10,
@@ -145,7 +87,7 @@ def _wait_for_gate(server: Server, flow: subprocess.Popen, pause_key: str, timeo
 def _approve(server: Server, run_id: str, approver: str = "Ada Lovelace") -> None:
     answer = {"approve": True, "approver": approver, "reason": "checked after the server restart"}
     done = subprocess.run([sys.executable, "-c", RESUME, run_id, json.dumps(answer)], cwd=REPO,
-                          env=_env(PREFECT_HOME=str(server.root / "client-home"), PREFECT_API_URL=server.api),
+                          env=env_without_prefect(PREFECT_HOME=str(server.root / "client-home"), PREFECT_API_URL=server.api),
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"the approval was refused:\n{done.stderr[-3000:]}"
 
@@ -179,7 +121,7 @@ def restarted_during_approval(base_dir, tmp_path_factory):
             flow = subprocess.Popen(
                 [sys.executable, "-c", RUNNER, json.dumps(kw), str(out)], cwd=REPO, stdin=subprocess.DEVNULL,
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                env=_env(PREFECT_HOME=str(root / "flow-home"), PREFECT_API_URL=server.api,
+                env=env_without_prefect(PREFECT_HOME=str(root / "flow-home"), PREFECT_API_URL=server.api,
                          DR_PAUSE_POLL_SECONDS="1"))
         run_id = obs["run_id"] = _wait_for_gate(server, flow, GATE_RESTORE)
 
@@ -211,7 +153,7 @@ def restarted_during_approval(base_dir, tmp_path_factory):
         yield obs
     finally:
         if flow is not None:
-            _stop(flow)
+            stop_group(flow)
         server.stop()
         env.down()
 

@@ -7,15 +7,21 @@ local platform (a real PostgreSQL 18 cluster with WAL archiving, as `dr local up
 then runs, interleaved in every repetition so that a busy machine slows all alike:
 
 - anchors: `pg_dump -Fc`; `pg_dump -Fp | gzip -1` (the nightly tooling); `pg_dump -Fp |
-  zstd -1`; `pg_dump -Fc -Z0 > /dev/null` (the dump floor); `pg_restore -j <cores>` of a
-  local file holding the very archive our backup stored; `gunzip | psql` of the nightly
-  file (today's restore); `pg_basebackup` (the physical floor).
+  zstd -1`; `pg_dump -Fc -Z0 > /dev/null` (the dump floor); `pg_restore -j <cores>` of the
+  `pg_dump -Fc` file; `gunzip | psql` of the nightly file (today's restore); `pg_basebackup`
+  (the physical floor). Diagnostics: our format made by the tools (`pg_dump -Fc -Z0 | zstd
+  -1`), and `pg_restore -j <cores>` of the very archive our backup stored, decompressed into
+  a local file.
 - ours: `take_backup` into the local store and `restore_backup` from it into a new
   database (checksum, manifest check, ANALYZE, swap into a scratch name), each in a fresh
   Python process; then the same through the Prefect flows `backup-database` and
   `restore-database` in one long-lived process under a Prefect test server.
 
-Every timed restore includes CREATE DATABASE. The three restores run in a rotating order.
+Every timed restore includes CREATE DATABASE. The four restores run in a rotating order.
+Each measurement also records CPU seconds: the tools' or our worker's, plus the PostgreSQL
+server's (all its processes, the WAL archiver's copies included). After the repetitions, our
+archive is restored once more serially with every statement's duration logged, to show where
+a restore's time goes and what parallel restore can gain at best (`restore_model`).
 Before each measurement the WAL archiver is waited for, the server checkpointed, the page
 cache written back (sync) and the WAL archive emptied, so no run pays for the previous
 one's writes. The database fits in RAM: these are warm-cache, CPU-bound numbers (see
@@ -161,6 +167,12 @@ class Result:
         return max(v) if v else None
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (pipelines, workers and their children)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 # --- the environment ---------------------------------------------------------------------
 
 
@@ -264,15 +276,18 @@ class Bench:
 
     # -- running external programs
 
-    def pipeline(self, *argvs: list[str], stdout: Path | None = None, stdin: Path | None = None) -> Sample:
+    def pipeline(self, *argvs: list[str], stdout: Path | None = None, stdin: Path | None = None,
+                 env_extra: dict[str, str] | None = None) -> Sample:
         """Run `a | b | ...` (argument lists, no shell) with the sample's passfile env; time it."""
         from dr.commands import passfile_env
 
         with passfile_env(self.conn) as env:
+            env.update(env_extra or {})
             load = os.getloadavg()[0]
             out = open(stdout, "wb") if stdout else subprocess.DEVNULL
             inp = open(stdin, "rb") if stdin else subprocess.DEVNULL
             procs: list[subprocess.Popen] = []
+            cpu0, srv0 = _children_cpu(), self.server_cpu()
             t = time.perf_counter()
             with PeakRss(os.getpid(), PIPELINE_PROGRAMS, include_root=False) as rss:
                 prev = inp
@@ -286,16 +301,34 @@ class Bench:
                     procs.append(p)
                 errs = [p.communicate()[1] for p in reversed(procs)]
             secs = time.perf_counter() - t
+            cpu = {"cpu_client": _children_cpu() - cpu0, "cpu_server": self.server_cpu() - srv0}
             for f in (out, inp):
                 if hasattr(f, "close"):
                     f.close()
         for p, err in zip(reversed(procs), errs):
             if p.returncode != 0:
                 raise RuntimeError(f"{p.args[0]} exited {p.returncode}: {err.decode(errors='replace')[-2000:]}")
-        return Sample(secs, stdout.stat().st_size if stdout and stdout.exists() else None, rss.peak, load=load)
+        return Sample(secs, stdout.stat().st_size if stdout and stdout.exists() else None, rss.peak, load=load,
+                      extra=cpu)
 
     def pg(self, program: str) -> str:
         return self.tools.path(program)
+
+    def server_cpu(self) -> float:
+        """CPU seconds the PostgreSQL server has used so far: the postmaster and every process under it,
+        live or already reaped (backends, WAL writer, checkpointer, the archiver and its copies)."""
+        import psutil
+
+        pid = int((self.servers.servers_dir / self.server / "data" / "postmaster.pid").read_text().split()[0])
+        total = 0.0
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return total
 
     def create_db(self, name: str) -> None:
         from dr.database import create_database
@@ -308,15 +341,17 @@ class Bench:
         """Run one job of ours in a fresh Python process; its time is measured inside it."""
         cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", json.dumps(job)]
         load = os.getloadavg()[0]
+        cpu0, srv0 = _children_cpu(), self.server_cpu()
         with open(self.root / "worker.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, cwd=str(ROOT))
             with PeakRss(proc.pid, OUR_CHILDREN) as rss:
                 out, _ = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"worker {job['op']} failed ({proc.returncode}); see {self.root / 'worker.log'}")
+        cpu = {"cpu_client": _children_cpu() - cpu0, "cpu_server": self.server_cpu() - srv0}
         res = json.loads(out.decode().strip().splitlines()[-1])
         return Sample(res["seconds"], res.get("output_bytes"), rss.peak, res["maxrss_self"], res["maxrss_children"],
-                      load=load, extra=res.get("extra", {}))
+                      load=load, extra={**cpu, **res.get("extra", {})})
 
 
 def _parse_size(size: str) -> int:
@@ -336,6 +371,12 @@ def _parse_size(size: str) -> int:
 def _rusage() -> dict[str, int]:
     return {"maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
+def _cpu_now() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _module_at(name: str, rev: str | None) -> Any:
@@ -368,19 +409,22 @@ def _worker(job: dict[str, Any]) -> None:
     if job["op"] == "backup":
         take_backup = _module_at("backup", job.get("rev")).take_backup
         kw = {"fmt": job["fmt"]} if job.get("fmt") else {}
+        c = _cpu_now()
         t = time.perf_counter()
         res = take_backup(plat.servers, plat.store, tools, server=target.server, database=target.database,
                           name=job["name"], kind="adhoc", **kw)
         secs = time.perf_counter() - t
-        out = {"seconds": secs, "output_bytes": res.info.size, "extra": {"format": res.info.format}}
+        out = {"seconds": secs, "output_bytes": res.info.size,
+               "extra": {"format": res.info.format, "cpu_client": _cpu_now() - c}}
     elif job["op"] == "restore":
         restore_backup = _module_at("restore", job.get("rev")).restore_backup
+        c = _cpu_now()
         t = time.perf_counter()
         res = restore_backup(plat.servers, plat.store, tools, server=target.server, database=job["database"],
                              backup=job["name"], jobs=job["jobs"], swap=True,
                              spool_dir=cfg.local.state_dir.absolute())
         secs = time.perf_counter() - t
-        out = {"seconds": secs, "extra": {"verified_manifest": res.verified_manifest}}
+        out = {"seconds": secs, "extra": {"verified_manifest": res.verified_manifest, "cpu_client": _cpu_now() - c}}
     else:
         raise SystemExit(f"unknown job {job['op']}")
     print(json.dumps({**out, **_rusage()}), flush=True)
@@ -464,6 +508,10 @@ class FlowWorker:
 
 def run_size(workdir: Path, size: str, reps: int, cores: int, *, flows: bool, before: str | None,
              log: Callable[[str], None]) -> dict[str, Any]:
+    import zstandard
+
+    from dr.backup import DEFAULT_FORMAT, FORMATS
+
     b = Bench(workdir, size, cores, log)
     log(f"[{size}] setting up (loading the sample the first time takes a few minutes per GB)")
     data = b.up()
@@ -506,17 +554,19 @@ def run_size(workdir: Path, size: str, reps: int, cores: int, *, flows: bool, be
             add("dump_plain_zstd1", "anchor pg_dump -Fp | zstd -1", "anchor-dump",
                 b.pipeline([dump, "-Fp", b.database], ["zstd", "-1", "-q"], stdout=f / "anchor.sql.zst"))
             b.settle()
-            add("dump_custom_z1", "diag   pg_dump -Fc -Z1 > file (our format)", "diag",
-                b.pipeline([dump, "-Fc", "-Z1", "--statistics", b.database], stdout=f / "anchor.z1.pgdump"))
+            add("dump_custom_zstd", "diag   pg_dump -Fc -Z0 | zstd -1 (our format by tools)", "diag",
+                b.pipeline([dump, "-Fc", "-Z0", "--statistics", b.database], ["zstd", "-1", "-q"],
+                           stdout=f / "anchor.pgdump.zst"))
             b.settle()
             add("dump_floor", "floor  pg_dump -Fc -Z0 > /dev/null", "anchor-floor",
                 b.pipeline([dump, "-Fc", "-Z0", b.database]))
             b.settle()
-            name = f"bench_{rep}_{time.time_ns()}.pgdump"
+            name = f"bench_{rep}_{time.time_ns()}{FORMATS[DEFAULT_FORMAT][0]}"
             add("ours_backup", "ours   take_backup -> store", "ours-backup",
                 b.worker({"op": "backup", "config": str(b.config_path), "name": name}))
-            # the very bytes our backup stored, as a local file for the pg_restore anchor
-            shutil.copyfile(b.store.root / name, f / "ours.pgdump")
+            # the archive our backup stored, decompressed into a local file: pg_restore of exactly what we restore
+            with open(b.store.root / name, "rb") as src, open(f / "ours.pgdump", "wb") as dst:
+                zstandard.ZstdDecompressor().copy_stream(src, dst)
             os.sync()
 
             # restores (each into a new database, CREATE DATABASE included), in a rotating order
@@ -525,9 +575,18 @@ def run_size(workdir: Path, size: str, reps: int, cores: int, *, flows: bool, be
                 t = time.perf_counter()
                 b.create_db(db)
                 s = b.pipeline([restore, "--no-owner", "--exit-on-error", f"--jobs={cores}", "-d", db,
+                                str(f / "anchor.pgdump")])
+                s.seconds = time.perf_counter() - t
+                add("restore_pg_restore", f"anchor pg_restore -j{cores} (pg_dump -Fc file)", "anchor-restore", s)
+
+            def same_archive_restore(rep: int = rep) -> None:
+                db = f"diag_restore_{rep}"
+                t = time.perf_counter()
+                b.create_db(db)
+                s = b.pipeline([restore, "--no-owner", "--exit-on-error", f"--jobs={cores}", "--statistics", "-d", db,
                                 str(f / "ours.pgdump")])
                 s.seconds = time.perf_counter() - t
-                add("restore_pg_restore", f"anchor pg_restore -j{cores} (same archive, local file)", "anchor-restore", s)
+                add("restore_same_archive", f"diag   pg_restore -j{cores} (our archive, unzstd'd file)", "diag", s)
 
             def psql_restore(rep: int = rep) -> None:
                 db = f"anchor_psql_{rep}"
@@ -543,8 +602,8 @@ def run_size(workdir: Path, size: str, reps: int, cores: int, *, flows: bool, be
                     b.worker({"op": "restore", "config": str(b.config_path), "name": name,
                               "database": f"ours_restore_{rep}", "jobs": cores}))
 
-            trio = [anchor_restore, psql_restore, our_restore]
-            for fn in trio[rep % 3:] + trio[:rep % 3]:
+            trio = [anchor_restore, psql_restore, our_restore, same_archive_restore]
+            for fn in trio[rep % 4:] + trio[:rep % 4]:
                 b.settle()
                 fn()
                 b.cleanup_databases()
@@ -579,13 +638,128 @@ def run_size(workdir: Path, size: str, reps: int, cores: int, *, flows: bool, be
             add("basebackup", "floor  pg_basebackup -Fp -X stream (cluster)", "anchor-floor",
                 b.pipeline([b.pg("pg_basebackup"), "-D", str(bb), "-Fp", "-X", "stream", "-c", "fast", "--no-password"]))
             shutil.rmtree(bb, ignore_errors=True)
+
+        # where a restore's time goes: our archive restored serially, every statement's duration logged
+        b.settle()
+        profile = profile_restore(b, f / "ours.pgdump")
+        log(f"[{size}] serial restore profile: {profile['serial_seconds']:.1f} s of statements; critical path "
+            f"{profile['critical_seconds']:.1f} s ({profile['critical_table']})")
     finally:
         if flow:
             flow.close()
         for p in f.iterdir():
             p.unlink()
         b.cleanup_databases()
-    return {"size": size, "data": data, "results": results}
+    return {"size": size, "data": data, "results": results, "profile": profile}
+
+
+# --- where a restore's time goes ----------------------------------------------------------
+
+
+def _statement_durations(log_text: str) -> list[tuple[float, str]]:
+    """(seconds, statement) of every `duration: ... statement: ...` entry of a server log."""
+    import re
+
+    out: list[list[Any]] = []
+    cur: list[Any] | None = None
+    for line in log_text.splitlines():
+        m = re.search(r"LOG:  duration: ([\d.]+) ms  statement: (.*)", line)
+        if m:
+            cur = [float(m[1]) / 1000, m[2]]
+            out.append(cur)
+        elif cur is not None and line.startswith("\t"):
+            cur[1] += " " + line.strip()
+        else:
+            cur = None
+    return [(d, st) for d, st in out]
+
+
+def restore_model(statements: list[tuple[float, str]]) -> dict[str, Any]:
+    """What parallel restore can gain, from the statements of a serial restore.
+
+    A parallel restore cannot go faster than the longest chain of steps that must run one after the
+    other: the schema (restored first, by one connection), then for some table its COPY, every
+    constraint that locks it (primary key, unique, foreign keys from or to it: ALTER TABLE takes a
+    lock that excludes the others and CREATE INDEX on that table) and its longest index build. That
+    lower bound holds for any number of cores; with N cores the work itself also needs total/N.
+    """
+    import re
+
+    pre, tables = 0.0, {}
+    seen_copy = False
+
+    def t(name: str) -> dict[str, float]:
+        return tables.setdefault(name.strip('"'), {"copy": 0.0, "constraints": 0.0, "index_max": 0.0, "index_sum": 0.0})
+
+    for secs, st in statements:
+        if m := re.match(r"COPY (\S+) ", st):
+            seen_copy = True
+            t(m[1])["copy"] += secs
+        elif m := re.match(r"CREATE (?:UNIQUE )?INDEX \S+ ON (?:ONLY )?(\S+)", st):
+            x = t(m[1])
+            x["index_max"] = max(x["index_max"], secs)
+            x["index_sum"] += secs
+        elif m := re.match(r"ALTER TABLE (?:ONLY )?(\S+)\s+ADD CONSTRAINT", st):
+            t(m[1])["constraints"] += secs
+            if r := re.search(r"REFERENCES (\S+?)\(", st):
+                t(r[1])["constraints"] += secs
+        elif not seen_copy:
+            pre += secs
+    serial = sum(secs for secs, _ in statements)
+    chains = {name: x["copy"] + x["constraints"] + x["index_max"] for name, x in tables.items()}
+    crit_table = max(chains, key=chains.get) if chains else ""
+    critical = pre + (chains[crit_table] if chains else 0.0)
+    return {"serial_seconds": serial, "pre_data_seconds": pre, "critical_seconds": critical, "critical_table": crit_table,
+            "tables": {k: {**v, "chain": chains[k]} for k, v in tables.items()},
+            "bound_by_cores": {str(n): max(critical, serial / n) for n in (1, 2, 4, 8, 16)}}
+
+
+def profile_restore(b: Bench, archive: Path) -> dict[str, Any]:
+    """Restore `archive` serially (pg_restore -f - | psql, one connection) with every statement's duration in
+    the server log, and model what parallel restore can gain (`restore_model`)."""
+    log_path = b.servers.servers_dir / b.server / "postgres.log"
+    start = log_path.stat().st_size
+    db = "profile_serial"
+    b.create_db(db)
+    s = b.pipeline([b.pg("pg_restore"), "--no-owner", "--statistics", "-f", "-", str(archive)],
+                   [b.pg("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db],
+                   env_extra={"PGOPTIONS": "-c log_min_duration_statement=0"})
+    b.cleanup_databases()
+    with open(log_path, "rb") as fh:
+        fh.seek(start)
+        text = fh.read().decode("utf-8", "replace")
+    model = restore_model(_statement_durations(text))
+    model["wall_seconds"] = s.seconds
+    return model
+
+
+def profile_text(run: dict[str, Any]) -> str:
+    p = run.get("profile")
+    if not p:
+        return ""
+    r = run["results"]
+    psql = r["restore_gunzip_psql"].median
+    lines = [f"where a restore's time goes: our archive restored serially (one connection) took {p['wall_seconds']:.1f} s, "
+             f"{p['serial_seconds']:.1f} s of it in statements; schema {p['pre_data_seconds']:.1f} s",
+             f"{'table':<28} {'COPY s':>7} {'constraints s':>13} {'indexes s (longest)':>20} {'chain s':>8}"]
+    for name, x in sorted(p["tables"].items(), key=lambda kv: -kv[1]["chain"]):
+        lines.append(f"{name:<28} {x['copy']:7.2f} {x['constraints']:13.2f} {x['index_sum']:10.2f} ({x['index_max']:5.2f})"
+                     f"    {x['chain']:8.2f}")
+    lines.append(f"critical path (schema + the {p['critical_table']} chain): {p['critical_seconds']:.1f} s = "
+                 f"{p['critical_seconds'] / p['serial_seconds']:.0%} of the serial statements; so no number of "
+                 f"parallel jobs can make a restore more than {p['serial_seconds'] / p['critical_seconds']:.2f}x faster "
+                 f"than one connection")
+    lines.append("best case by cores (statements only, idle cores): "
+                 + ", ".join(f"{n}: {v:.1f} s ({p['serial_seconds'] / v:.2f}x)" for n, v in p["bound_by_cores"].items())
+                 + f"; measured gunzip | psql {psql:.1f} s")
+    cpu = {k: statistics.median(sm.extra.get("cpu_client", 0) + sm.extra.get("cpu_server", 0) for sm in r[k].samples)
+           for k in ("restore_gunzip_psql", "restore_pg_restore", "ours_restore") if k in r
+           and all("cpu_server" in sm.extra for sm in r[k].samples)}
+    if cpu:
+        lines.append("CPU seconds per restore (server processes incl. WAL writer and archiver, plus our/the tools' "
+                     "processes): " + ", ".join(f"{r[k].label.split(' ', 1)[1].strip()} {v:.1f}" for k, v in cpu.items())
+                     + f"; on {run['cores']} fully free cores a restore cannot take less than CPU / {run['cores']}")
+    return "\n".join(lines)
 
 
 # --- judging and reporting -----------------------------------------------------------------
@@ -661,15 +835,17 @@ def table(run: dict[str, Any]) -> str:
         f"(median {statistics.median(loads):.1f}; other work on the machine)",
         "MB/s = database MB / median s; peak MB = our processes (anchors: the pipeline's processes)",
         "",
-        f"{'operation':<52} {'min s':>7} {'median s':>8} {'MB/s':>6} {'out MB':>7} {'peak MB':>7}  vs anchor",
+        f"{'operation':<52} {'min s':>7} {'median s':>8} {'MB/s':>6} {'out MB':>7} {'peak MB':>7} {'cpu s':>6}  vs anchor",
     ]
     anchors_d = [r[k] for k in ("dump_custom", "dump_plain_gzip1", "dump_plain_zstd1")]
     fastest = min(anchors_d, key=lambda x: x.median)
     ref = {"ours-backup": fastest, "flow-backup": r["ours_backup"], "ours-restore": r["restore_pg_restore"],
            "flow-restore": r["ours_restore"]}
-    diag_ref = {"rev_backup": r["ours_backup"], "rev_restore": r["ours_restore"], "dump_custom_z1": r["ours_backup"]}
-    for key in ("dump_custom", "dump_plain_gzip1", "dump_plain_zstd1", "dump_custom_z1", "dump_floor", "ours_backup",
-                "rev_backup", "flow_backup", "restore_pg_restore", "restore_gunzip_psql", "ours_restore", "rev_restore",
+    diag_ref = {"rev_backup": r["ours_backup"], "rev_restore": r["ours_restore"], "dump_custom_z1": r["ours_backup"],
+                "dump_custom_zstd": r["ours_backup"], "restore_same_archive": r["ours_restore"]}
+    for key in ("dump_custom", "dump_plain_gzip1", "dump_plain_zstd1", "dump_custom_z1", "dump_custom_zstd", "dump_floor",
+                "ours_backup", "rev_backup", "flow_backup", "restore_pg_restore", "restore_gunzip_psql",
+                "restore_same_archive", "ours_restore", "rev_restore",
                 "flow_restore", "basebackup"):
         if key not in r:
             continue
@@ -686,13 +862,17 @@ def table(run: dict[str, Any]) -> str:
             vs += f"; Prefect and flow steps {x.median - inner:.2f} s"
         if key == "ours_restore":
             vs += f"; speed-up {r['restore_gunzip_psql'].median / x.median:.2f}x vs gunzip|psql"
+        cpus = [sm.extra["cpu_client"] + sm.extra["cpu_server"] for sm in x.samples if "cpu_server" in sm.extra]
+        cpu = statistics.median(cpus) if cpus else float("nan")
         lines.append(f"{x.label:<52} {x.min:7.2f} {x.median:8.2f} {db / MB / x.median:6.0f} "
                      f"{(x.output / MB) if x.output else float('nan'):7.1f} "
-                     f"{(x.peak / MB) if x.peak else float('nan'):7.0f}  {vs}")
+                     f"{(x.peak / MB) if x.peak else float('nan'):7.0f} {cpu:6.1f}  {vs}")
     lines.append("")
     for c in run["checks"]:
         mark = "INFO" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         lines.append(f"{mark:<4}  {c['target']:<36} {c['detail']}")
+    if prof := profile_text(run):
+        lines += ["", prof]
     return "\n".join(lines)
 
 
@@ -781,7 +961,8 @@ def _load_runs(path: Path) -> list[dict[str, Any]]:
             res = Result(k, v["label"], v["group"])
             res.samples = [Sample(**sm) for sm in v["samples"]]
             results[k] = res
-        run = {"size": r["size"], "cores": r["cores"], "reps": r["reps"], "data": r["data"], "results": results}
+        run = {"size": r["size"], "cores": r["cores"], "reps": r["reps"], "data": r["data"], "results": results,
+               "profile": r.get("profile")}
         run["checks"] = judge(run)
         runs.append(run)
     return runs
@@ -796,6 +977,7 @@ def _report(runs: list[dict[str, Any]], json_path: Path | None, printed: bool = 
         "machine": {"cores": runs[0]["cores"], "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_end": os.getloadavg()},
         "runs": [{"size": r["size"], "cores": r["cores"], "reps": r["reps"], "data": r["data"], "checks": r["checks"],
+                  "profile": r.get("profile"),
                   "results": {k: {"label": v.label, "group": v.group, "min": v.min, "median": v.median,
                                   "output_bytes": v.output, "peak_rss": v.peak,
                                   "samples": [asdict(s) for s in v.samples]} for k, v in r["results"].items()}}

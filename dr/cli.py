@@ -169,7 +169,7 @@ def _print_status(st: Any) -> None:
 @app.command("backup")
 def backup_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
                kind: str = typer.Option("adhoc", help="adhoc, nightly, pre-restore-safety, ptr, drill"),
-               fmt: str = typer.Option("custom", "--format", help="custom (parallel restore) or plain-gzip (.sql.gz)"),
+               fmt: str = typer.Option("custom-zstd", "--format", help="custom-zstd (.pgdump.zst, default), custom (.pgdump) or plain-gzip (.sql.gz)"),
                server: Optional[str] = typer.Option(None, help="Back up this server (e.g. a PTR server)."),
                database: Optional[str] = typer.Option(None, help="Back up this database."),
                label: Optional[str] = typer.Option(None, help="Extra tag, e.g. an incident id."),

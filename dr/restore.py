@@ -3,7 +3,8 @@
 1. Restore into a NEW database `<db>_restore_<stamp>` on the target server, streaming
    from the store (custom format through `pg_restore --exit-on-error`, or with
    `jobs > 1` spooled first and restored with `pg_restore -j`; plain `.sql.gz` through
-   `psql -v ON_ERROR_STOP=1`).
+   `psql -v ON_ERROR_STOP=1`). A `.pgdump.zst` backup is decompressed on the way (into
+   the spool file, or into pg_restore's stdin), so pg_restore reads an uncompressed archive.
 2. Check the bytes read against the checksum recorded at backup time.
 3. Check the new database against the backup's manifest (rows per table, sequences, objects).
 4. Give the planner statistics, so the app is not slow on its first queries: a custom-format
@@ -18,7 +19,6 @@ Any failure before step 5 drops the new database and leaves the live one exactly
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import zstandard
 from psycopg import sql
 
-from dr.backup import CHUNK
+from dr.backup import CHUNK, ZSTD_FORMATS, format_of
 from dr.commands import PgTools, Running, passfile_env
 from dr.database import (
     analyze,
@@ -45,7 +46,7 @@ from dr.database import (
     swap_databases,
     verify_against_manifest,
 )
-from dr.errors import BackupCorrupted, BackupError, BackupNotFound, CommandError, DrError, RestoreError
+from dr.errors import BackupCorrupted, BackupNotFound, CommandError, DrError, RestoreError
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, ServerPlatform
 from dr.progress import Progress, ProgressHook
 
@@ -86,28 +87,52 @@ def _restored_marker(info: BackupInfo) -> str:
     return f"{COMMENT_PREFIX}{info.name} sha256={info.sha256 or 'unknown'}"
 
 
-def _feed(reader: BackupReader, proc: Running, progress: Progress, *, gunzip: bool) -> None:
-    """Copy the backup into the child's stdin, decompressing gzip on the way if asked."""
-    d = zlib.decompressobj(wbits=31) if gunzip else None
+class _Decoder:
+    """Decompresses a stored backup on its way to pg_restore or psql (gzip or zstd, one stream or several
+    concatenated); damage shows as `BackupCorrupted`."""
+
+    def __init__(self, codec: str, backup: str):
+        self.codec, self.backup = codec, backup
+        self._d = self._new()
+
+    def _new(self) -> zlib._Decompress | zstandard.ZstdDecompressionObj:
+        return zlib.decompressobj(wbits=31) if self.codec == "gzip" else zstandard.ZstdDecompressor().decompressobj()
+
+    def decompress(self, chunk: bytes) -> bytes:
+        try:
+            out = [self._d.decompress(chunk)]
+            while self._d.eof and self._d.unused_data:  # the next member or frame
+                rest = self._d.unused_data
+                self._d = self._new()
+                out.append(self._d.decompress(rest))
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise BackupCorrupted(f"backup '{self.backup}' is not valid {self.codec}: {exc}", backup=self.backup) from exc
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The last bytes; raises `BackupCorrupted` if the stream stops short of its end."""
+        tail = self._d.flush() if self.codec == "gzip" else b""
+        if not self._d.eof:
+            raise BackupCorrupted(f"backup '{self.backup}' ends in the middle of its {self.codec} stream (truncated)",
+                                  backup=self.backup)
+        return tail
+
+
+def _codec(fmt: str) -> str | None:
+    """What we decompress before the PostgreSQL tool reads the backup (pg_restore reads `custom` as it is)."""
+    return {"plain-gzip": "gzip", "custom-zstd": "zstd"}.get(fmt)
+
+
+def _feed(reader: BackupReader, proc: Running, progress: Progress, decoder: _Decoder | None) -> None:
+    """Copy the backup into the child's stdin, decompressing it on the way if asked."""
     try:
         while chunk := reader.read(CHUNK):
             progress.add(len(chunk))
-            data = d.decompress(chunk) if d else chunk
-            while d and d.eof and d.unused_data:  # concatenated gzip members
-                rest = d.unused_data
-                d = zlib.decompressobj(wbits=31)
-                data += d.decompress(rest)
+            data = decoder.decompress(chunk) if decoder else chunk
             if data:
                 proc.stdin.write(data)
-        if d:
-            tail = d.flush()
-            if tail:
-                proc.stdin.write(tail)
-            if not d.eof:
-                raise BackupCorrupted(f"backup '{reader.info.name}' ends in the middle of its gzip stream (truncated)",
-                                      backup=reader.info.name)
-    except zlib.error as exc:
-        raise BackupCorrupted(f"backup '{reader.info.name}' is not valid gzip: {exc}", backup=reader.info.name) from exc
+        if decoder:
+            proc.stdin.write(decoder.finish())
     except BrokenPipeError:
         pass  # the child died; its exit code and stderr say why
     finally:
@@ -115,6 +140,14 @@ def _feed(reader: BackupReader, proc: Running, progress: Progress, *, gunzip: bo
             proc.stdin.close()
         except BrokenPipeError:
             pass
+
+
+def _spool_bytes(info: BackupInfo, fmt: str) -> int:
+    """Local disk a parallel restore needs for the (decompressed) archive."""
+    if fmt in ZSTD_FORMATS:
+        recorded = info.extra.get("archive_bytes", "")
+        return int(recorded) if recorded.isdigit() else (info.size or 0) * 4
+    return info.size or 0
 
 
 def _pg_restore_args(tools: PgTools, server_major: int) -> list[str]:
@@ -162,31 +195,35 @@ def _analyze_where_needed(target) -> list[str]:
 def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress: Progress, jobs: int,
                     spool_dir: Path | None, server_major: int) -> None:
     info = reader.info
+    fmt = format_of(info)
+    decoder = _Decoder(codec, info.name) if (codec := _codec(fmt)) else None
     with passfile_env(target_conn) as env:
-        if info.format == "plain-gzip" or info.name.endswith(".sql.gz"):
+        if fmt == "plain-gzip":
             proc = tools.start("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", "-d", target_conn.dbname],
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
             try:
-                _feed(reader, proc, progress, gunzip=True)
+                _feed(reader, proc, progress, decoder)
             except BaseException:
                 proc.kill()
                 raise
             proc.finish()
             reader.verify()
         elif jobs > 1:
-            # parallel pg_restore needs a seekable file: spool (checksum verified before restoring)
+            # parallel pg_restore needs a seekable file: spool it, decompressed (checksum verified before restoring)
             spool = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
             try:
                 path = spool / "backup.pgdump"
-                free = shutil.disk_usage(spool).free
-                if info.size and free < info.size * 1.1:
-                    raise RestoreError(f"not enough space in {spool} to spool {info.size} bytes for a parallel restore; "
+                free, need = shutil.disk_usage(spool).free, _spool_bytes(info, fmt)
+                if need and free < need * 1.1:
+                    raise RestoreError(f"not enough space in {spool} to spool {need} bytes for a parallel restore; "
                                        "use --jobs 1 to stream instead")
                 with open(path, "wb") as fh:
                     while chunk := reader.read(CHUNK):
-                        fh.write(chunk)
                         progress.add(len(chunk))
-                reader.verify()
+                        fh.write(decoder.decompress(chunk) if decoder else chunk)
+                    reader.verify()
+                    if decoder:
+                        fh.write(decoder.finish())
                 tools.run("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
                                          *_pg_restore_args(tools, server_major), "-d", target_conn.dbname, str(path)],
                           env=env)
@@ -197,7 +234,7 @@ def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress:
                                               *_pg_restore_args(tools, server_major), "-d", target_conn.dbname],
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
             try:
-                _feed(reader, proc, progress, gunzip=False)
+                _feed(reader, proc, progress, decoder)
             except BaseException:
                 proc.kill()
                 raise

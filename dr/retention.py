@@ -50,9 +50,9 @@ PTR_WINDOW = timedelta(days=7)
 HOLD_STALE_AFTER = timedelta(hours=24)
 
 #: The existing tooling's nightly naming, ``<service>_<env short>_<YYYY-MM-DD>.sql.gz``
-#: (this tool's own nightlies may also be ``.pgdump``).
+#: (this tool's own nightlies may also be ``.pgdump`` or ``.pgdump.zst``).
 NIGHTLY_NAME = re.compile(
-    r"^(?P<service>[a-z][a-z0-9]{1,19})_(?P<env>[a-z]{2})_(?P<day>\d{4}-\d{2}-\d{2})(?P<ext>\.sql\.gz|\.pgdump)$"
+    r"^(?P<service>[a-z][a-z0-9]{1,19})_(?P<env>[a-z]{2})_(?P<day>\d{4}-\d{2}-\d{2})(?P<ext>\.sql\.gz|\.pgdump|\.pgdump\.zst)$"
 )
 _ENV_SHORTS = frozenset(ENVIRONMENTS.values())
 HOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")

@@ -7,7 +7,8 @@ from typing import Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dr.errors import DrError
+from dr.database import SAFE_NAME
+from dr.errors import DrError, InvalidInput
 from dr.runtime import Ref
 from flows.common import run_logger
 from tasks.backups import backup_database_task
@@ -18,7 +19,7 @@ def backup_database(
     service: str,
     environment: str,
     kind: Literal["adhoc", "nightly", "pre-restore-safety", "ptr", "drill"] = "adhoc",
-    backup_format: Literal["custom", "plain-gzip"] = "custom",
+    backup_format: Literal["custom-zstd", "custom", "plain-gzip"] = "custom-zstd",
     server: str | None = None,
     database: str | None = None,
     label: str | None = None,
@@ -32,12 +33,16 @@ def backup_database(
         service: the service short name, e.g. `apply`.
         environment: the environment, e.g. `production`.
         kind: why the backup is taken; it is part of the name and metadata.
-        backup_format: `custom` (restores in parallel) or `plain-gzip` (`.sql.gz`, like the nightly tooling).
+        backup_format: `custom-zstd` (`.pgdump.zst`, restores in parallel; the fastest), `custom`
+            (`.pgdump`, gzip inside the archive) or `plain-gzip` (`.sql.gz`, like the nightly tooling).
         server: back up this server instead of the environment's own (e.g. a PTR server).
         database: back up this database instead of the environment's own.
         label: an extra tag in the name and metadata, e.g. the incident id.
         config_path: the configuration file; default `$DR_CONFIG` or `./dr.toml`.
     """
+    if database is not None and not SAFE_NAME.fullmatch(database):
+        raise InvalidInput(f"database: {database!r} is not a plain PostgreSQL name (lowercase letters, digits, '_', "
+                           "at most 63)", world_state="nothing was changed")
     ref = Ref(service, environment, config_path)
     try:
         result = backup_database_task(ref, kind=kind, fmt=backup_format, server=server, database=database, label=label)

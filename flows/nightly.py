@@ -33,7 +33,7 @@ def apply_retention_task(ref: Ref, dry_run: bool) -> dict:
 def nightly_backup(
     service: str,
     environment: str,
-    backup_format: Literal["custom", "plain-gzip"] = "custom",
+    backup_format: Literal["custom-zstd", "custom", "plain-gzip"] = "custom-zstd",
     prune: bool = True,
     verify: Literal["auto", "always", "never"] = "auto",
     config_path: str | None = None,
@@ -43,7 +43,8 @@ def nightly_backup(
     Args:
         service: the service short name.
         environment: the environment.
-        backup_format: `custom` (parallel restore) or `plain-gzip` (`.sql.gz`, like the existing tooling).
+        backup_format: `custom-zstd` (`.pgdump.zst`, parallel restore; the fastest), `custom`
+            (`.pgdump`, gzip inside the archive) or `plain-gzip` (`.sql.gz`, like the existing tooling).
         prune: apply the retention policy after a successful backup.
         verify: restore the new backup into a scratch database and check it against its manifest:
             `auto` on Sundays (UK time), `always`, or `never`.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from dr.backup import BackupResult, backup_name, take_backup
+from dr.backup import DEFAULT_FORMAT, BackupResult, backup_name, take_backup
 from dr.platforms.base import BackupInfo
 from dr.restore import latest_complete_backup
 from dr.runtime import Ref
@@ -12,7 +12,7 @@ from tasks.common import dr_task, progress_artifact_hook
 
 
 @dr_task
-def backup_database_task(ref: Ref, *, kind: str, fmt: str = "custom", server: str | None = None,
+def backup_database_task(ref: Ref, *, kind: str, fmt: str = DEFAULT_FORMAT, server: str | None = None,
                          database: str | None = None, name: str | None = None, label: str | None = None) -> BackupResult:
     """Stream a pg_dump of the database into the store."""
     rt = ref.rt()

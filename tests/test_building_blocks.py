@@ -47,7 +47,7 @@ class TestBackupFlow:
         info = live_env.platform.store.get_backup(r["name"])
         assert info.complete and info.sha256 == r["sha256"] and info.kind == "adhoc"
         assert info.manifest["rows"] == table_counts(live_env.conn())
-        assert r["name"].startswith("apply_dv_adhoc_") and r["name"].endswith(".pgdump")
+        assert r["name"].startswith("apply_dv_adhoc_") and r["name"].endswith(".pgdump.zst")
 
     def test_nightly_name_follows_the_convention_and_is_never_overwritten(self, live_env):
         r = backup_database(**live_env.kw(), kind="nightly", backup_format="plain-gzip")

@@ -30,7 +30,7 @@ def test_nightly_backs_up_verifies_and_prunes(live_env):
     store = live_env.platform.store
     old = seed_old_nightlies(store, 30)
     r = nightly_backup(**live_env.kw(), verify="always")
-    assert r["backup"] == f"apply_dv_{utc_now():%Y-%m-%d}.pgdump"
+    assert r["backup"] == f"apply_dv_{utc_now():%Y-%m-%d}.pgdump.zst"
     assert r["verified"]["verified"] is True
     info = store.get_backup(r["backup"])
     assert info.complete and info.kind == "nightly"

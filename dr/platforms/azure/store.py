@@ -89,12 +89,18 @@ class _AzureWriter(BackupWriter):
         self.committed = False
         self.closed = False
 
+    def _nothing_stored(self, error: DrError) -> DrError:
+        """Say what a failure before the data commit leaves: nothing, and the name still free."""
+        return error.annotate(world_state=f"nothing was stored: backup '{self.name}' was not committed and its name "
+                                          f"is still free in {self.store.where}",
+                              resume_hint="run the same backup again")
+
     def _stage(self, chunk: bytes) -> None:
         block_id = base64.b64encode(f"{self.block_prefix}{len(self.block_ids):08d}".encode()).decode()
         try:
             self.blob.stage_block(block_id, chunk, length=len(chunk), validate_content=True)
         except AzureError as exc:
-            raise self.store._error(exc, self.name, "upload a block of") from exc
+            raise self._nothing_stored(self.store._error(exc, self.name, "upload a block of")) from exc
         self.block_ids.append(block_id)
 
     def write(self, data: bytes) -> None:
@@ -131,7 +137,7 @@ class _AzureWriter(BackupWriter):
                 self.closed = True
                 raise exists from exc
         except AzureError as exc:
-            raise self.store._error(exc, self.name, "save the metadata of") from exc
+            raise self._nothing_stored(self.store._error(exc, self.name, "save the metadata of")) from exc
         # 2. the data, never over an existing blob
         try:
             self.blob.commit_block_list(
@@ -142,10 +148,16 @@ class _AzureWriter(BackupWriter):
             # a retry whose first answer was lost conflicts with our own data: that is success
             if not self._landed(done):
                 self.closed = True
-                self._release(etag)
+                released = self._release(etag)
                 if isinstance(exc, HttpResponseError) and exc.status_code in (409, 412):
                     raise exists from exc
-                raise self.store._error(exc, self.name, "commit") from exc
+                error = self.store._error(exc, self.name, "commit")
+                if not released:
+                    raise error.annotate(world_state=f"no data was stored; backup '{self.name}' is listed as "
+                                                     "incomplete (its reservation could not be removed)",
+                                         resume_hint=f"delete backup '{self.name}', then run the same backup again"
+                                         ) from exc
+                raise self._nothing_stored(error) from exc
         # 3. complete, only over our own sidecar
         done = replace(done, complete=True)
         try:
@@ -176,12 +188,14 @@ class _AzureWriter(BackupWriter):
             return False
         return md.get("dr_sha256") == done.sha256 and md.get("dr_size") == str(done.size)
 
-    def _release(self, etag: str) -> None:
-        """After a failed data commit: drop our name reservation (only our own sidecar)."""
+    def _release(self, etag: str) -> bool:
+        """After a failed data commit: drop our name reservation (only our own sidecar); whether it is gone."""
         try:
             self.meta_blob.delete_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
         except AzureError as exc:
             log.warning("could not remove the reservation %s%s: %s", self.name, META_SUFFIX, exc)
+            return False
+        return True
 
     def abort(self) -> None:
         """Discard the upload: nothing was committed, and the staged blocks expire unused."""
@@ -320,6 +334,10 @@ class AzureBackupStore(BackupStore):
                                backup=name)
         if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
             return TransientPlatformError(f"could not reach blob storage {self.where} to {doing} {what}: {exc.message}")
+        if isinstance(exc, HttpResponseError) and exc.status_code is None and exc.response is None:
+            # no answer at all: the SDK gave up on a stream that broke mid-body (e.g. a reset download chunk)
+            return TransientPlatformError(f"could not reach blob storage {self.where} to {doing} {what}: the "
+                                          f"connection broke in the middle of the answer ({exc.message})")
         if isinstance(exc, HttpResponseError):
             status, code = exc.status_code or 0, _code(exc)
             if status in (403, 409) and code in IMMUTABLE_CODES:

@@ -3,28 +3,39 @@
 `apps/<key>/app.json` is the single record of the app: ports, the desired replica
 counts, the counts recorded before a scale-down (so they are restored exactly), and
 the maintenance flag. Every change is written there first and then applied, so a
-crash between the two is repaired by running the same command again.
+crash between the two is repaired by running the same command again. The router reads
+the flag on every request: once it is written, users see the maintenance page (or, with
+the router down, no answer at all), never the app.
+
+A failure half-way says what the app looks like now (maintenance, what users see, which
+processes run, the recorded counts) and which command finishes the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from dr.commands import child_env
-from dr.errors import InvalidInput, OperationTimedOut, PlatformError
+from dr.errors import DrError, InvalidInput, OperationTimedOut, PlatformError
 from dr.platforms.base import AppControl, AppStatus
 from dr.platforms.local.servers import free_port
 
 ROLES = ("web", "worker")
+#: the commands that finish a half-done switch (each step is skipped when already done)
+RESUME_ON = ("run the same command again once the cause is fixed (`dr maintenance on --stop-app`, or the "
+             "scenario with the same --incident): it keeps the replica counts recorded first")
+RESUME_OFF = "run `dr maintenance off` again once the cause is fixed: it restores the recorded replica counts"
 
 
 class LocalApp(AppControl):
@@ -83,16 +94,55 @@ class LocalApp(AppControl):
         if self._alive(pid, role):
             os.kill(pid, signal.SIGKILL)
 
-    def _wait_http(self, port: int, timeout: float = 30) -> None:
+    def _wait_http(self, port: int, role: str, pid: int | None, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
                 return
             except httpx.HTTPError:
+                if not self._alive(pid, role):  # it died (e.g. its port is taken): no point waiting
+                    raise PlatformError(f"the {role} of the local app '{self.key}' exited instead of answering on "
+                                        f"port {port}; see {self.dir}/{role}.log") from None
                 time.sleep(0.2)
-        raise OperationTimedOut(f"local app '{self.key}' did not answer on port {port} within {timeout:.0f} s; "
-                                f"see {self.dir}/*.log")
+        raise OperationTimedOut(f"the {role} of the local app '{self.key}' did not answer on port {port} within "
+                                f"{timeout:.0f} s; see {self.dir}/{role}.log")
+
+    def _world(self) -> str:
+        """What the app looks like now: the maintenance flag, what users see, the processes, the recorded counts."""
+        try:
+            app = self._load()
+        except (OSError, ValueError, DrError) as exc:
+            return f"unknown: the app's record {self.json} cannot be read ({exc})"
+        pids = app.get("pids") or {}
+        up = {role: self._alive(pids.get(role), role) for role in ("router", *ROLES)}
+        if not up["router"]:
+            users = "users get no answer (the router is not running)"
+        elif app.get("maintenance"):
+            users = "users see the maintenance page"
+        elif up["web"]:
+            users = "users reach the app"
+        else:
+            users = "users get an error page (no web replica is running)"
+        running = ", ".join(f"{role} {'running' if up[role] else 'stopped'}" for role in ROLES)
+        before = app.get("replicas_before")
+        recorded = (f"the replica counts from before the scale-down are recorded: {before}" if before is not None
+                    else "no replica counts recorded")
+        return f"maintenance {'on' if app.get('maintenance') else 'off'}; {users}; {running}; {recorded}"
+
+    @contextlib.contextmanager
+    def _step(self, doing: str, resume: str) -> Iterator[None]:
+        """A failure inside says what it was doing, what the app looks like now, and how to finish."""
+        try:
+            yield
+        except InvalidInput:
+            raise
+        except DrError as exc:
+            exc.annotate(step=doing, world_state=self._world(), resume_hint=resume)
+            raise
+        except OSError as exc:
+            raise PlatformError(f"local app '{self.key}': {exc}").annotate(
+                step=doing, world_state=self._world(), resume_hint=resume) from exc
 
     def _apply(self, app: dict[str, Any]) -> None:
         """Make the running processes match the record."""
@@ -111,9 +161,9 @@ class LocalApp(AppControl):
                 pids[role] = None
         self._save(app)
         if router_started:
-            self._wait_http(app["main_port"])
+            self._wait_http(app["main_port"], "router", pids["router"])
         if app["replicas"]["web"]:
-            self._wait_http(app["web_port"])
+            self._wait_http(app["web_port"], "web", pids.get("web"))
 
     # --- lifecycle used by `dr local up/down` ------------------------------------------
 
@@ -165,37 +215,41 @@ class LocalApp(AppControl):
         self._apply(app)
 
     def scale_down(self) -> dict[str, int]:
-        app = self._load()
-        if app.get("replicas_before") is None:
-            app["replicas_before"] = dict(app["replicas"])
-            self._save(app)  # recorded before anything is stopped
-        self.scale({r: 0 for r in ROLES})
-        return dict(app["replicas_before"])
+        with self._step("scale down", RESUME_ON):
+            app = self._load()
+            if app.get("replicas_before") is None:
+                app["replicas_before"] = dict(app["replicas"])
+                self._save(app)  # recorded before anything is stopped
+            self.scale({r: 0 for r in ROLES})
+            return dict(app["replicas_before"])
 
     def scale_up(self) -> dict[str, int]:
-        app = self._load()
-        before = app.get("replicas_before")
-        if before is None:
-            self._apply(app)
-            return dict(app["replicas"])
-        self.scale(before)
-        app = self._load()
-        app["replicas_before"] = None
-        self._save(app)
-        return dict(before)
+        with self._step("scale up", RESUME_OFF):
+            app = self._load()
+            before = app.get("replicas_before")
+            if before is None:
+                self._apply(app)
+                return dict(app["replicas"])
+            self.scale(before)
+            app = self._load()
+            app["replicas_before"] = None  # forgotten only once the recorded counts run
+            self._save(app)
+            return dict(before)
 
     def enable_maintenance(self) -> AppStatus:
-        app = self._load()
-        if not app["maintenance"]:
-            app["maintenance"] = True
-            self._save(app)
-        self._apply(app)
-        return self.get_status()
+        with self._step("enable maintenance", RESUME_ON):
+            app = self._load()
+            if not app["maintenance"]:
+                app["maintenance"] = True
+                self._save(app)  # from here on the router shows the maintenance page
+            self._apply(app)
+            return self.get_status()
 
     def disable_maintenance(self) -> AppStatus:
-        app = self._load()
-        if app["maintenance"]:
-            app["maintenance"] = False
-            self._save(app)
-        self._apply(app)
-        return self.get_status()
+        with self._step("disable maintenance", RESUME_OFF):
+            app = self._load()
+            if app["maintenance"]:
+                app["maintenance"] = False
+                self._save(app)
+            self._apply(app)
+            return self.get_status()

@@ -281,7 +281,8 @@ class TestUsersNeverSeeTheAppWhileTheDatabaseIsReplaced:
             "stop the app, failing", "stopped", "maintenance on, failing", "replace the database",
             "restart behind the maintenance page", "maintenance off")), users.seen
         assert "the app (200)" in users.saw("stop the app, failing")  # web could not be stopped: still serving
-        assert users.saw("stopped") == {"no replica"}
+        # stopped: the router says there is no replica (or, on a loaded machine, does not answer in time): never the app
+        assert "no replica" in users.saw("stopped") and users.saw("stopped") <= {"no replica", "no answer"}
         assert users.saw("maintenance on, failing") <= {"no replica", "no answer"}
         assert "no answer" in users.saw("maintenance on, failing")
         assert users.saw("maintenance on, again") <= {"no answer", "maintenance page"}

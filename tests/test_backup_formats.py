@@ -117,7 +117,7 @@ class TestDamagedZstdBackup:
     @pytest.mark.parametrize("damage", [truncate, flip_a_bit])
     def test_is_refused_before_anything_is_swapped(self, formats_env, damage, jobs):
         env = formats_env
-        name = backup(env, "custom-zstd", f"dmg{jobs}")
+        name = backup(env, "custom-zstd", f"dmg{jobs}-{damage.__name__}")  # unique within a second too
         path = env.platform.store.root / name
         path.write_bytes(damage(path.read_bytes()))
         live_before = table_counts(env.conn())

@@ -376,8 +376,16 @@ class Timeline:
                  "outcome": e.outcome, "detail": e.detail} for e in self.events]
 
 
-def validate_step(ref: Ref, timeline: "Timeline") -> datetime:
+def validate_step(ref: Ref, timeline: "Timeline", *, server: str | None = None, healthcheck: bool = True,
+                  step: str = "validate") -> datetime:
     """The runbook's "validate app" step: run the checks, fail the flow if a required one fails.
+
+    Args:
+        ref: the service environment.
+        timeline: where the step is recorded.
+        server: check the data on this server instead of the environment's own.
+        healthcheck: also call the app's healthcheck (False: the data checks only).
+        step: the step's name in the timeline.
 
     Returns:
         When the service was validated (the end of the RTO clock).
@@ -385,10 +393,11 @@ def validate_step(ref: Ref, timeline: "Timeline") -> datetime:
     from dr.errors import ValidationFailed
     from tasks.validation import run_service_checks
 
-    with timeline.step("validate") as ev:
-        results = run_service_checks(ref)
+    with timeline.step(step) as ev:
+        results = run_service_checks(ref, server=server, healthcheck=healthcheck)
         failed = [r.name for r in results if r.required and not r.passed]
         ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
         if failed:
-            raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
+            where = f" on {server}" if server else ""
+            raise ValidationFailed(f"required checks failed{where}: {', '.join(failed)}", failed=failed)
     return datetime.now(timezone.utc)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from prefect import flow
 
-from dr.errors import DrError, InvalidInput, ServerExists, ValidationFailed
+from dr.errors import DrError, InvalidInput, ServerExists
 from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT
 from dr.runtime import Ref
@@ -35,7 +35,6 @@ from tasks.servers import (
     recreate_server_task,
     revive_server_task,
 )
-from tasks.validation import run_service_checks
 
 NIGHTLY_KINDS = ("nightly",)
 
@@ -176,13 +175,7 @@ def server_loss(
             elif how == "geo-restored":
                 record.facts["data loss"] = ("what was not yet geo-replicated: Azure copies backups to the paired "
                                              "region with a lag of up to about an hour")
-                with timeline.step(f"check the data on {srv.name}") as ev:
-                    results = run_service_checks(ref, server=srv.name, healthcheck=False)
-                    ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
-                    failed = [r.name for r in results if r.required and not r.passed]
-                    if failed:
-                        raise ValidationFailed(f"required checks failed on {srv.name}: {', '.join(failed)}",
-                                               failed=failed)
+                validate_step(ref, timeline, server=srv.name, healthcheck=False, step=f"check the data on {srv.name}")
                 state = f"{srv.name} geo-restored and checked; the app still points at {t.server}; maintenance on"
                 d = approve(ref, timeline, gate="switch the app to the geo-restored server", auto_approve=auto_approve,
                             timeout_minutes=timeout, resume=resume,
@@ -193,16 +186,8 @@ def server_loss(
             else:
                 record.facts["data loss"] = "none: the revived server keeps all committed data"
 
-            if how == "geo-restored":
-                with timeline.step("validate") as ev:
-                    results = run_service_checks(ref, server=srv.name)
-                    ev.detail = ", ".join(f"{r.name} {'PASS' if r.passed else 'FAIL'}" for r in results)
-                    failed = [r.name for r in results if r.required and not r.passed]
-                    if failed:
-                        raise ValidationFailed(f"required checks failed: {', '.join(failed)}", failed=failed)
-                record.validated = datetime.now(timezone.utc)
-            else:
-                record.validated = validate_step(ref, timeline)
+            # a geo-restored server is the service's server now, whatever dr.toml still says
+            record.validated = validate_step(ref, timeline, server=srv.name if how == "geo-restored" else None)
 
             d = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve, timeout_minutes=timeout,
                         resume=resume, what=f"service validated on the {how} server; send users back")

@@ -14,6 +14,23 @@ from typing import Callable
 import httpx
 import pytest
 
+#: a data-loss run in a process of its own: `python -c RUNNER '<kwargs json>' <result file>`
+DATA_LOSS_RUNNER = """
+import json, sys
+from flows.data_loss import data_loss
+kw, out = json.loads(sys.argv[1]), sys.argv[2]
+try:
+    res = {"ok": True, "result": data_loss(**kw)}
+except BaseException as exc:
+    res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+with open(out, "w") as f:
+    json.dump(res, f, default=str)
+"""
+
+#: the pause keys of the data-loss gates (flows.approval._key(f"{gate}-{attempt}"))
+GATE_RESTORE = "restore-into-the-live-database-1"
+GATE_MAINTENANCE = "disable-maintenance-1"
+
 
 def free_port() -> int:
     with socket.socket() as s:

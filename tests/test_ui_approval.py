@@ -33,7 +33,14 @@ import httpx
 import pytest
 
 from tests.helpers import utc_now, wait_a_second
-from tests.processes import PrefectServer, env_without_prefect, stop_group
+from tests.processes import (
+    DATA_LOSS_RUNNER as RUNNER,
+    GATE_MAINTENANCE,
+    GATE_RESTORE,
+    PrefectServer,
+    env_without_prefect,
+    stop_group,
+)
 
 pytestmark = pytest.mark.ui
 
@@ -44,21 +51,7 @@ SCREENSHOT_COPY = Path("/tmp/ui-approval.png")
 REPO = Path(__file__).resolve().parents[1]
 UI_TIMEOUT_MS = 60_000  # the shared 2-core machine: first page load alone can take 10 s
 
-# pause keys made by flows.approval._key(f"{gate}-{attempt}")
-GATE_RESTORE = "restore-into-the-live-database-1"
-GATE_MAINTENANCE = "disable-maintenance-1"
 
-RUNNER = """
-import json, sys
-from flows.data_loss import data_loss
-kw, out = json.loads(sys.argv[1]), sys.argv[2]
-try:
-    res = {"ok": True, "result": data_loss(**kw)}
-except BaseException as exc:
-    res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-with open(out, "w") as f:
-    json.dump(res, f, default=str)
-"""
 
 
 def _missing_tools() -> str | None:

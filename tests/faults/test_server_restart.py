@@ -22,28 +22,22 @@ import pytest
 
 from tests.faults.harness import assert_nothing_lost, live_state, snapshot
 from tests.helpers import make_env, utc_now, wait_a_second
-from tests.processes import PrefectServer, env_without_prefect, stop_group
+from tests.processes import (
+    DATA_LOSS_RUNNER as RUNNER,
+    GATE_MAINTENANCE,
+    GATE_RESTORE,
+    PrefectServer,
+    env_without_prefect,
+    stop_group,
+)
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-GATE_RESTORE = "restore-into-the-live-database-1"
-GATE_MAINTENANCE = "disable-maintenance-1"
 SLOT = "dr-apply-development"
 #: what the run logs when the restarted server refuses to renew the recovery slot's lease
 LEASE_LOST = "no longer knows this run's lease on dr-apply-development"
 
-RUNNER = """
-import json, sys
-from flows.data_loss import data_loss
-kw, out = json.loads(sys.argv[1]), sys.argv[2]
-try:
-    res = {"ok": True, "result": data_loss(**kw)}
-except BaseException as exc:
-    res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-with open(out, "w") as f:
-    json.dump(res, f, default=str)
-"""
 
 RESUME = """
 import json, sys, uuid

@@ -36,7 +36,7 @@ FORMATS: dict[str, tuple[str, list[str]]] = {
     # compressed by zstd level 1 in our process (python-zstandard, in its own threads) as it
     # streams to the store. pg_dump's own compression runs zlib in pg_dump's single thread and was
     # the bottleneck of the dump; zstd -1 is several times cheaper and ~10% smaller than gzip -1,
-    # and a restore decompresses while spooling, so pg_restore reads no compressed data. It
+    # and a restore decompresses it as it loads the rows (dr/loader.py). It
     # needs no zstd support in pg_dump/pg_restore (the embedded PostgreSQL 18 build has none).
     # See bench/README.md for the measurements.
     "custom-zstd": (".pgdump.zst", ["--format=custom", "--compress=0"]),

@@ -1,10 +1,12 @@
 """Restoring a backup without ever half-applying it to the live database.
 
 1. Restore into a NEW database `<db>_restore_<stamp>` on the target server, streaming
-   from the store (custom format through `pg_restore --exit-on-error`, or with
-   `jobs > 1` spooled first and restored with `pg_restore -j`; plain `.sql.gz` through
-   `psql -v ON_ERROR_STOP=1`). A `.pgdump.zst` backup is decompressed on the way (into
-   the spool file, or into pg_restore's stdin), so pg_restore reads an uncompressed archive.
+   from the store. A `.pgdump.zst` backup (an uncompressed custom archive, zstd-compressed)
+   with `jobs > 1` is loaded as it arrives by `dr.loader`: schema first, then every table's
+   rows through `jobs` connections at once, then indexes, constraints and the rest with
+   `pg_restore -j`; nothing is spooled. Other custom archives with `jobs > 1` are spooled to
+   a local file for `pg_restore -j`; with `jobs = 1` every custom archive streams into
+   `pg_restore --exit-on-error`, and plain `.sql.gz` into `psql -v ON_ERROR_STOP=1`.
 2. Check the bytes read against the checksum recorded at backup time.
 3. Check the new database against the backup's manifest (rows per table, sequences, objects).
 4. Give the planner statistics, so the app is not slow on its first queries: a custom-format
@@ -18,6 +20,7 @@ Any failure before step 5 drops the new database and leaves the live one exactly
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import subprocess
@@ -26,6 +29,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import zstandard
 from psycopg import sql
@@ -47,6 +51,8 @@ from dr.database import (
     verify_against_manifest,
 )
 from dr.errors import BackupCorrupted, BackupNotFound, CommandError, DrError, RestoreError
+from dr.loader import stream_restore
+from dr.pgarchive import ArchiveFormatError, ArchiveStream
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, ServerPlatform
 from dr.progress import Progress, ProgressHook
 
@@ -192,6 +198,32 @@ def _analyze_where_needed(target) -> list[str]:
     return [f"{schema}.{table}" for schema, table in missing]
 
 
+def _decompressed(reader: BackupReader, progress: Progress, decoder: _Decoder | None) -> Iterator[bytes]:
+    """The backup's bytes as pg_restore reads them; the checksum is checked before the last ones."""
+    while chunk := reader.read(CHUNK):
+        progress.add(len(chunk))
+        if data := (decoder.decompress(chunk) if decoder else chunk):
+            yield data
+    reader.verify()
+    if decoder and (tail := decoder.finish()):
+        yield tail
+
+
+def _spool_restore(tools: PgTools, info: BackupInfo, fmt: str, data: Iterable[bytes], target_conn, env: dict[str, str],
+                   jobs: int, work: Path, server_major: int) -> None:
+    """`pg_restore -j` needs a seekable file: write the archive (decompressed) to `work` first."""
+    path = work / "backup.pgdump"
+    free, need = shutil.disk_usage(work).free, _spool_bytes(info, fmt)
+    if need and free < need * 1.1:
+        raise RestoreError(f"not enough space in {work} to spool {need} bytes for a parallel restore; "
+                           "use --jobs 1 to stream instead")
+    with open(path, "wb") as fh:
+        for piece in data:
+            fh.write(piece)
+    tools.run("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
+                             *_pg_restore_args(tools, server_major), "-d", target_conn.dbname, str(path)], env=env)
+
+
 def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress: Progress, jobs: int,
                     spool_dir: Path | None, server_major: int) -> None:
     info = reader.info
@@ -208,27 +240,29 @@ def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress:
                 raise
             proc.finish()
             reader.verify()
-        elif jobs > 1:
-            # parallel pg_restore needs a seekable file: spool it, decompressed (checksum verified before restoring)
-            spool = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
+        elif jobs > 1 and fmt in ZSTD_FORMATS:
+            # an uncompressed custom archive: load its rows as they arrive, with every connection
+            stream = ArchiveStream(_decompressed(reader, progress, decoder))
+            head = stream.read_head()
+            work = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
             try:
-                path = spool / "backup.pgdump"
-                free, need = shutil.disk_usage(spool).free, _spool_bytes(info, fmt)
-                if need and free < need * 1.1:
-                    raise RestoreError(f"not enough space in {spool} to spool {need} bytes for a parallel restore; "
-                                       "use --jobs 1 to stream instead")
-                with open(path, "wb") as fh:
-                    while chunk := reader.read(CHUNK):
-                        progress.add(len(chunk))
-                        fh.write(decoder.decompress(chunk) if decoder else chunk)
-                    reader.verify()
-                    if decoder:
-                        fh.write(decoder.finish())
-                tools.run("pg_restore", ["--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
-                                         *_pg_restore_args(tools, server_major), "-d", target_conn.dbname, str(path)],
-                          env=env)
+                if (why := head.unsupported()) is None:
+                    stream_restore(tools, head, stream, target_conn, env, jobs=jobs, workdir=work,
+                                   restore_args=_pg_restore_args(tools, server_major))
+                else:
+                    log.info("backup %s cannot be loaded as it streams (%s): restoring it from a local file",
+                             info.name, why)
+                    _spool_restore(tools, info, fmt, itertools.chain([head.raw], stream.rest()), target_conn, env,
+                                   jobs, work, server_major)
             finally:
-                shutil.rmtree(spool, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
+        elif jobs > 1:
+            work = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
+            try:
+                _spool_restore(tools, info, fmt, _decompressed(reader, progress, decoder), target_conn, env,
+                               jobs, work, server_major)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         else:
             proc = tools.start("pg_restore", ["--no-owner", "--exit-on-error", "--no-password",
                                               *_pg_restore_args(tools, server_major), "-d", target_conn.dbname],
@@ -258,7 +292,8 @@ def restore_backup(
     """Restore `backup` as database `database` on `server` (new database + verified atomic swap).
 
     Args:
-        jobs: parallel `pg_restore` jobs for custom-format backups (spools the backup first).
+        jobs: connections loading rows and `pg_restore` jobs for custom-format backups (a `custom`
+            archive is spooled to a local file first; a `custom-zstd` one streams).
         swap: swap the restored database in as `database`; when False, it is left beside the
             live one under its `_restore_` name (for checks and reconciliation).
 
@@ -291,7 +326,7 @@ def restore_backup(
         with store.reader(backup) as reader:
             try:
                 _restore_stream(tools, reader, target, progress, jobs, spool_dir, server_major)
-            except CommandError as exc:
+            except (CommandError, ArchiveFormatError, RestoreError) as exc:
                 # a checksum mismatch explains a failed restore better than the tool's message
                 try:
                     while reader.read(CHUNK):
@@ -301,8 +336,13 @@ def restore_backup(
                     raise
                 except Exception:
                     pass
-                raise RestoreError(f"restoring {backup} into {new_db} failed: {exc.message}", database=new_db,
-                                   server=server, world_state=untouched) from exc
+                if isinstance(exc, ArchiveFormatError):
+                    raise BackupCorrupted(f"backup '{backup}' is not a valid pg_dump archive: {exc}",
+                                          backup=backup, world_state=untouched) from exc
+                if isinstance(exc, CommandError):
+                    raise RestoreError(f"restoring {backup} into {new_db} failed: {exc.message}", database=new_db,
+                                       server=server, world_state=untouched) from exc
+                raise
         progress.report()
         if info.manifest:
             verify_against_manifest(target, info.manifest)

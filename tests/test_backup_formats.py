@@ -55,7 +55,7 @@ class TestRoundTrip:
     def test_the_default_format_is_zstd_compressed_custom(self):
         assert DEFAULT_FORMAT == "custom-zstd" and FORMATS[DEFAULT_FORMAT][0] == ".pgdump.zst"
 
-    @pytest.mark.parametrize("jobs", [1, 2], ids=["streamed", "spooled-parallel"])
+    @pytest.mark.parametrize("jobs", [1, 2], ids=["streamed", "parallel"])
     @pytest.mark.parametrize("fmt", sorted(FORMATS))
     def test_a_backup_restores_to_the_same_rows(self, formats_env, fmt, jobs):
         env = formats_env
@@ -113,7 +113,7 @@ def flip_a_bit(data: bytes) -> bytes:
 
 
 class TestDamagedZstdBackup:
-    @pytest.mark.parametrize("jobs", [1, 2], ids=["streamed", "spooled-parallel"])
+    @pytest.mark.parametrize("jobs", [1, 2], ids=["streamed", "parallel"])
     @pytest.mark.parametrize("damage", [truncate, flip_a_bit])
     def test_is_refused_before_anything_is_swapped(self, formats_env, damage, jobs):
         env = formats_env

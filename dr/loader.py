@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import psycopg
 
@@ -43,6 +43,38 @@ log = logging.getLogger("dr.loader")
 _SESSION = ("SET statement_timeout = 0", "SET lock_timeout = 0", "SET idle_in_transaction_session_timeout = 0",
             "SET client_min_messages = warning", "SET row_security = off")
 _SPECIAL = ("ENCODING", "STDSTRINGS", "SEARCHPATH")
+#: bytes of rows handed to a connection at a time (cut at row ends)
+PIECE = 1024 * 1024
+
+
+def _whole_rows(pieces: Iterable[bytes], size: int = PIECE) -> Iterator[bytes]:
+    """The same bytes, cut at row ends into pieces of about `size` (a COPY text row never holds a
+    raw newline, so any connection can load any piece); a row longer than `size` stays whole."""
+    carry: list[bytes] = []  # the start of a row that goes on in the next piece
+    for piece in pieces:
+        if carry:
+            if b"\n" not in piece:
+                carry.append(piece)
+                continue
+            piece = b"".join([*carry, piece])
+            carry = []
+        start, end = 0, len(piece)
+        while end - start > size:
+            cut = piece.rfind(b"\n", start, start + size) + 1
+            if cut <= start:  # a row longer than `size`
+                cut = piece.find(b"\n", start + size) + 1
+                if not cut:
+                    break
+            yield piece[start:cut]
+            start = cut
+        cut = piece.rfind(b"\n", start) + 1
+        if cut > start:
+            yield piece if (start == 0 and cut == end) else piece[start:cut]
+            start = cut
+        if start < end:
+            carry.append(piece[start:])
+    if carry:
+        yield b"".join(carry)
 
 
 def _write_list(path: Path, entries: list[TocEntry]) -> Path:
@@ -58,7 +90,7 @@ class _Loaders:
         self.target, self.jobs = target, jobs
         self.tables = head.table_data()
         self.session = [e.defn for e in head.entries if e.desc in _SPECIAL and e.defn] + list(_SESSION)
-        self.queue: queue.Queue = queue.Queue(maxsize=2 * jobs)
+        self.queue: queue.Queue = queue.Queue(maxsize=jobs)  # memory: ~(2 * jobs + 2) pieces
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
         self.rows_bytes: dict[int, int] = {}
@@ -153,16 +185,8 @@ def stream_restore(tools: PgTools, head: ArchiveHead, stream: ArchiveStream, tar
     t = time.monotonic()
     with _Loaders(target, head, jobs) as loaders:
         for dump_id, pieces in stream.blocks():
-            carry = b""
-            for piece in pieces:
-                if carry:
-                    piece = carry + piece
-                cut = piece.rfind(b"\n") + 1  # whole rows only: a COPY text row never holds a raw newline
-                carry = piece[cut:]
-                if cut:
-                    loaders.put(dump_id, piece[:cut] if carry else piece)
-            if carry:
-                loaders.put(dump_id, carry)
+            for rows in _whole_rows(pieces):
+                loaders.put(dump_id, rows)
         for _ in stream.rest():  # to the end: the checksum and the zstd frame are checked there
             pass
         loaders.finish()

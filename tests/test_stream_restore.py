@@ -20,10 +20,13 @@ from datetime import datetime, timezone
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dr.backup import backup_name, take_backup
 from dr.commands import PgTools, passfile_env
 from dr.errors import BackupCorrupted, RestoreError
+from dr.loader import _whole_rows
 from dr.pgarchive import SECTION_DATA, ArchiveStream
 from dr.restore import restore_backup
 
@@ -210,6 +213,22 @@ class TestArchiveReading:
             data = subprocess.run([tools.path("pg_dump"), "-Fc", "-Z1", "-d", DB], env=penv, check=True,
                                   capture_output=True).stdout
         assert "compressed" in ArchiveStream([data]).read_head().unsupported()
+
+
+class TestCuttingRows:
+    @given(rows=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"") + b"\n"), max_size=40),
+           cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
+           size=st.sampled_from([1, 3, 10, 64, 1000]))
+    @settings(max_examples=300, deadline=None)
+    def test_pieces_are_whole_rows_of_about_the_size_and_nothing_else(self, rows, cuts, size):
+        """However the stream is cut, every piece a connection gets is whole rows (so any connection
+        can load it), no longer than `size` unless it is one row, and together they are the stream."""
+        data = b"".join(rows)
+        bounds = sorted({min(c, len(data)) for c in cuts})
+        pieces = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)])]
+        out = list(_whole_rows(pieces, size))
+        assert b"".join(out) == data
+        assert all(o.endswith(b"\n") and (len(o) <= size or o.count(b"\n") == 1) for o in out)
 
 
 class TestDamage:

@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import os
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -90,7 +92,29 @@ class TestRoundTrip:
                 biggest = max(biggest, len(r.buffer))
             r.verify()
         assert bytes(out) == data and r.bytes_read == len(data)
-        assert biggest <= 16 * 1024  # never more than one download chunk held
+        assert biggest <= 64 * 1024  # never more than one downloaded range held (the others are in flight)
+
+    def test_blocks_go_up_and_ranges_come_down_several_at_a_time(self, azurite, container):
+        """One HTTP stream caps a transfer at one connection's throughput: uploads stage blocks and
+        downloads read ranges `transfers` at a time, in order, in bounded memory."""
+        from azure.storage.blob import BlobServiceClient
+
+        adapter = ConcurrencyAdapter()
+        session = requests.Session()
+        session.mount("http://", adapter)
+        service = BlobServiceClient.from_connection_string(azurite, session=session)
+        store = AzureBackupStore(service.get_container_client(container.container_name), block_size=64 * 1024,
+                                 transfers=4)
+        data = os.urandom(2 * 1024 * 1024 + 17)
+        done = upload(store, "parallel.dump", data, piece=100_000)
+        assert adapter.peak("PUT") >= 2, adapter.peaks
+        committed, _ = container.get_blob_client(done.name).get_block_list("committed")
+        assert len(committed) == 33  # in order: the bytes below come back equal
+        adapter.peaks.clear()
+        out, reader = read_all(store, done.name, n=50_000)
+        assert out == data and done.sha256 == hashlib.sha256(out).hexdigest()
+        assert adapter.peak("GET") >= 2, adapter.peaks
+        assert adapter.peak("GET") <= 4 and adapter.peak("PUT") <= 4  # bounded: memory is ~5 blocks
 
     def test_empty_backup(self, store):
         done = upload(store, "empty.dump", b"")
@@ -314,6 +338,33 @@ resource_group = "rg"
         with pytest.raises(TransientPlatformError, match="could not reach blob storage"):
             store.list_backups()
         assert "s189applydbbkppdsa.blob.core.windows.net" in BLOCKED
+
+
+class ConcurrencyAdapter(requests.adapters.HTTPAdapter):
+    """Counts the requests to Azurite in flight at once, by method (blob data only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.now: dict[str, int] = {}
+        self.peaks: dict[str, int] = {}
+
+    def peak(self, method: str) -> int:
+        return self.peaks.get(method, 0)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        data = "comp=block&" in (request.url or "") or ("x-ms-range" in request.headers and request.method == "GET")
+        if not data:
+            return super().send(request, **kwargs)
+        with self.lock:
+            self.now[request.method] = self.now.get(request.method, 0) + 1
+            self.peaks[request.method] = max(self.peaks.get(request.method, 0), self.now[request.method])
+        try:
+            time.sleep(0.02)  # a network's latency: what parallel transfers hide
+            return super().send(request, **kwargs)
+        finally:
+            with self.lock:
+                self.now[request.method] -= 1
 
 
 class FaultAdapter(requests.adapters.HTTPAdapter):

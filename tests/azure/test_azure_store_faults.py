@@ -224,8 +224,9 @@ class TestUploadInterrupted:
         adapter.resets.append(reset := Reset("PUT", name, "block", skip=3))
         with pytest.raises(DrError) as err:
             backup(env, store, tools, name)
-        # the reset came in the middle of staging: blocks were staged before it, then 1 + 3 retries
-        assert reset.matched == 3 + 4 and reset.fired == 4
+        # the reset came in the middle of staging: 3 blocks were staged before it, then every block
+        # in flight (up to `transfers` at once) was tried 1 + 3 times
+        assert reset.matched == 3 + reset.fired and reset.fired % 4 == 0 and 4 <= reset.fired <= 4 * store.transfers
         # nothing committed: no blob, no sidecar, the name free, the list unchanged
         assert blobs(container) == blobs_before
         assert store.list_backups() == listed
@@ -286,9 +287,11 @@ class TestDownloadInterrupted:
         adapter.resets.append(reset := Reset("GET", name, None, skip=2, where=where))
         with pytest.raises(DrError) as err:
             restore(env, store, tools, name, jobs=jobs)
-        # the reset came in the middle of the download: two chunks were read before it
+        # the reset came in the middle of the download: two ranges were read before it, and the
+        # download stopped with at most `transfers` more asked for
         ranges = [s[3] for s in adapter.requests_for("GET", name, None)]
-        assert reset.fired >= 3 and len(set(ranges)) == 3, ranges
+        whole = -(-store.get_backup(name).size // BLOCK)
+        assert reset.fired >= 4 and 3 <= len(set(ranges)) <= 2 + store.transfers < whole, ranges
         # the live database exactly as before, the half-restored one dropped, nothing else changed
         assert restore_databases(env) == []
         assert_nothing_lost(world, snapshot(env))

@@ -33,6 +33,7 @@ from tests.faults.harness import (
     assert_nothing_lost,
     assert_says_world_state,
     descendants,
+    freeze,
     in_thread,
     kill,
     live_state,
@@ -151,19 +152,60 @@ def good_backup(world_env) -> str:
     return name
 
 
-@pytest.fixture(scope="class", params=[1, 2], ids=["streamed", "spooled-parallel"])
+def freeze_a_loader_mid_copy(env, timeout: float = 120) -> int | None:
+    """The PostgreSQL backend of one of the parallel loader's connections, caught in a COPY into a
+    `_restore_` database and FROZEN (SIGSTOP) there; None if no such COPY was seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rows = env.query("SELECT pid FROM pg_stat_activity WHERE datname LIKE '%\\_restore\\_%' "
+                             "AND state = 'active' AND query LIKE 'COPY %'", database="postgres")
+        except psycopg.Error:
+            rows = []
+        if rows:
+            pid = rows[0][0]
+            freeze(pid)
+            return pid
+        time.sleep(0.001)
+    return None
+
+
+@pytest.fixture(scope="class", params=["streamed", "parallel-rows", "parallel-indexes"])
 def pg_restore_killed(request, world_env, good_backup):
-    """Restore with `jobs` 1 (streamed) or 2 (spooled, pg_restore -j); SIGKILL pg_restore in the middle of a COPY."""
+    """Restore, and kill it in the middle:
+
+    - streamed (`jobs` 1): SIGKILL pg_restore in the middle of a COPY;
+    - parallel-rows (`jobs` 2): one of the loader's connections terminated in the middle of its COPY;
+    - parallel-indexes (`jobs` 2): SIGKILL the `pg_restore -j` that builds indexes and constraints
+      once the rows are in (with its workers).
+    """
     env = world_env
-    obs: dict = {"before": snapshot(env)}
-    run = in_thread(restore_database, **env.kw(), backup=good_backup, safety_backup=False, jobs=request.param)
-    pg_restore = wait_for_child("pg_restore", "--exit-on-error", while_=run.thread.is_alive)
-    try:
-        obs["caught_mid_copy"] = step_until(pg_restore, lambda: copy_in_progress(env), progress="rchar")
-        obs["restore_dbs_mid_copy"] = restore_databases(env)
-    finally:
-        kill_all("pg_restore")  # with its -j workers
-        run.join()
+    obs: dict = {"before": snapshot(env), "how": request.param}
+    jobs = 1 if request.param == "streamed" else 2
+    run = in_thread(restore_database, **env.kw(), backup=good_backup, safety_backup=False, jobs=jobs)
+    if request.param == "parallel-rows":
+        backend = freeze_a_loader_mid_copy(env)
+        try:
+            obs["caught_mid_copy"] = backend is not None
+            obs["restore_dbs_mid_copy"] = restore_databases(env)
+        finally:
+            if backend is not None:
+                env.query("SELECT pg_terminate_backend(%s)", (backend,), database="postgres")
+                thaw(backend)
+            run.join()
+    else:
+        which = "--exit-on-error" if request.param == "streamed" else "rest.list"
+        pg_restore = wait_for_child("pg_restore", which, while_=run.thread.is_alive)
+        try:
+            if request.param == "streamed":
+                obs["caught_mid_copy"] = step_until(pg_restore, lambda: copy_in_progress(env), progress="rchar")
+            else:  # the rows are in: the loader's COPYs are done, the restore database holds them
+                obs["caught_mid_copy"] = bool(env.scalar("SELECT count(*) FROM blobs",
+                                                         database=restore_databases(env)[0]))
+            obs["restore_dbs_mid_copy"] = restore_databases(env)
+        finally:
+            kill_all("pg_restore")  # with its -j workers
+            run.join()
     obs.update(error=run.error, after=snapshot(env), restore_dbs_after=restore_databases(env))
     return obs
 
@@ -181,7 +223,10 @@ class TestPgRestoreKilledMidRestore:
 
     def test_the_error_says_why_the_restore_failed(self, pg_restore_killed):
         text = str(pg_restore_killed["error"])
-        assert "signal 9" in text or "SIGKILL" in text or "killed" in text or "-9" in text, text
+        if pg_restore_killed["how"] == "parallel-rows":
+            assert "loading the rows of public." in text and "terminat" in text, text
+        else:
+            assert "signal 9" in text or "SIGKILL" in text or "killed" in text or "-9" in text, text
 
 
 # --- 3. damaged backups -------------------------------------------------------------------------

@@ -5,8 +5,9 @@ whole `BackupInfo` as JSON (manifest included; blob metadata is limited to 8 KB,
 data blob only carries a small `dr_*` subset of it).
 
 An upload stages the stream in blocks of `block_size` bytes (`stage_block`, each with
-an MD5 checked by the service) while computing its SHA-256, so memory stays bounded
-and nothing is visible until the commit, which runs:
+an MD5 checked by the service; up to `transfers` blocks in flight at once) while computing
+its SHA-256, so memory stays bounded (about `transfers + 1` blocks) and nothing is visible
+until the commit, which runs:
 
 1. the sidecar, `complete: false`, created only if absent: it reserves the name;
 2. `commit_block_list` with `If-None-Match: *`, so an existing blob is never overwritten;
@@ -16,6 +17,10 @@ A crash in between leaves a backup listed as incomplete, never as complete. An a
 upload commits nothing (its staged blocks are discarded by Azure after a week). A blob
 without a sidecar and without our `dr_made_by` metadata was put there by other tooling
 (e.g. the existing nightly `.sql.gz` dumps) and is listed as `kind="unknown"`.
+
+A download reads the blob in ranges of up to 4 MiB, `transfers` ranges ahead of the reader:
+one HTTP stream caps a restore at one connection's throughput, several keep a restore that
+consumes faster than that fed, in bounded memory.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import hashlib
 import json
 import logging
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Iterator
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -56,6 +62,10 @@ from dr.platforms.local.store import META_SUFFIX, check_backup_name
 log = logging.getLogger("dr.azure.store")
 
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
+#: blocks uploaded, or ranges downloaded, at the same time
+DEFAULT_TRANSFERS = 4
+#: the largest range a download asks for (memory: `transfers` ranges ahead)
+READ_RANGE = 4 * 1024 * 1024
 MADE_BY = "dr-orchestrator"
 #: Error codes of a write or delete refused by a time-based retention policy or a legal hold.
 IMMUTABLE_CODES = {"BlobImmutableDueToPolicy", "BlobImmutableDueToLegalHold", "ContainerImmutableDueToPolicy"}
@@ -83,6 +93,8 @@ class _AzureWriter(BackupWriter):
         self.meta_blob = store.container.get_blob_client(name + META_SUFFIX)
         self.block_prefix = uuid.uuid4().hex  # all block ids of a blob must have the same length
         self.block_ids: list[str] = []
+        self.in_flight: deque[Future] = deque()
+        self.pool: ThreadPoolExecutor | None = None
         self.buffer = bytearray()
         self.hash = hashlib.sha256()
         self.bytes_written = 0
@@ -96,12 +108,38 @@ class _AzureWriter(BackupWriter):
                               resume_hint="run the same backup again")
 
     def _stage(self, chunk: bytes) -> None:
+        """Stage the next block; up to `transfers` at once (waits for the oldest beyond that)."""
         block_id = base64.b64encode(f"{self.block_prefix}{len(self.block_ids):08d}".encode()).decode()
+        self.block_ids.append(block_id)
+        if self.store.transfers <= 1:
+            self._stage_one(block_id, chunk)
+            return
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.store.transfers, thread_name_prefix="dr-blob-upload")
+        while len(self.in_flight) >= self.store.transfers:
+            self._wait_oldest()
+        self.in_flight.append(self.pool.submit(self._stage_one, block_id, chunk))
+
+    def _stage_one(self, block_id: str, chunk: bytes) -> None:
         try:
             self.blob.stage_block(block_id, chunk, length=len(chunk), validate_content=True)
         except AzureError as exc:
             raise self._nothing_stored(self.store._error(exc, self.name, "upload a block of")) from exc
-        self.block_ids.append(block_id)
+
+    def _wait_oldest(self) -> None:
+        try:
+            self.in_flight.popleft().result()
+        except BaseException:
+            self._stop_staging()
+            raise
+
+    def _stop_staging(self) -> None:
+        for future in self.in_flight:
+            future.cancel()
+        self.in_flight.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -123,6 +161,9 @@ class _AzureWriter(BackupWriter):
         if self.buffer:
             self._stage(bytes(self.buffer))
             self.buffer.clear()
+        while self.in_flight:  # every block staged before the commit
+            self._wait_oldest()
+        self._stop_staging()
         done = replace(info, name=self.name, size=self.bytes_written, sha256=self.hash.hexdigest(), complete=False)
         exists = BackupExists(f"backup '{self.name}' appeared while this one was being written; nothing was "
                               "overwritten and this upload was not saved", backup=self.name)
@@ -200,37 +241,56 @@ class _AzureWriter(BackupWriter):
     def abort(self) -> None:
         """Discard the upload: nothing was committed, and the staged blocks expire unused."""
         self.closed = True
+        self._stop_staging()
         self.buffer.clear()
 
 
 class _AzureReader(BackupReader):
-    """A streamed download in chunks of the client's `max_chunk_get_size`."""
+    """A streamed download: ranges of up to `READ_RANGE` bytes, `transfers` of them ahead of the reader."""
 
     def __init__(self, store: "AzureBackupStore", info: BackupInfo):
         self.store, self.info = store, info
+        self.blob = store.reads.get_blob_client(info.name)
         try:
-            downloader = store.reads.get_blob_client(info.name).download_blob(max_concurrency=1)
+            props = self.blob.get_blob_properties()
         except ResourceNotFoundError as exc:
             raise BackupNotFound(f"backup '{info.name}' has metadata but no data blob", backup=info.name) from exc
         except AzureError as exc:
             raise store._error(exc, info.name, "read") from exc
-        self.chunks: Iterator[bytes] = downloader.chunks()
+        self.size = props.size
+        self.next_offset = 0
+        self.pending: deque[Future] = deque()
+        self.pool = ThreadPoolExecutor(max(1, store.transfers), thread_name_prefix="dr-blob-download")
         self.buffer = bytearray()
         self.eof = False
         self.hash = hashlib.sha256()
         self.bytes_read = 0
+        self._ahead()
+
+    def _range(self, offset: int, length: int) -> bytes:
+        # backups are never overwritten; bytes of another blob would fail the checksum anyway
+        return self.blob.download_blob(offset=offset, length=length, max_concurrency=1).readall()
+
+    def _ahead(self) -> None:
+        while len(self.pending) < max(1, self.store.transfers) and self.next_offset < self.size:
+            length = min(self.store.block_size, READ_RANGE, self.size - self.next_offset)
+            self.pending.append(self.pool.submit(self._range, self.next_offset, length))
+            self.next_offset += length
 
     def _fill(self) -> bool:
         if self.eof:
             return False
-        try:
-            chunk = next(self.chunks)
-        except StopIteration:
+        if not self.pending:
             self.eof = True
+            self.pool.shutdown(wait=False)
             return False
+        try:
+            chunk = self.pending.popleft().result()
         except AzureError as exc:
+            self.close()
             raise self.store._error(exc, self.info.name, "read") from exc
         self.buffer += chunk
+        self._ahead()
         return True
 
     def read(self, n: int = -1) -> bytes:
@@ -253,6 +313,10 @@ class _AzureReader(BackupReader):
 
     def close(self) -> None:
         self.eof = True
+        for future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.buffer.clear()
 
 
@@ -304,7 +368,9 @@ class AzureBackupStore(BackupStore):
     Args:
         container: the container client (credentials are chosen by the caller); every write
             goes through it.
-        block_size: bytes per staged block; memory use of an upload is about one block.
+        block_size: bytes per staged block (and per downloaded range, up to `READ_RANGE`).
+        transfers: blocks uploaded, or ranges downloaded, at once; memory use of an upload or a
+            download is about `transfers + 1` blocks.
         reads: the client for listing and reading (default `container`). Give one whose retry
             policy has `retry_to_secondary=True` to read from the account's secondary region
             (RA-GRS) when the primary does not answer, as `azure_store` does: reads never need
@@ -312,9 +378,12 @@ class AzureBackupStore(BackupStore):
     """
 
     def __init__(self, container: ContainerClient, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                 reads: ContainerClient | None = None):
+                 reads: ContainerClient | None = None, transfers: int = DEFAULT_TRANSFERS):
         if block_size <= 0 or block_size > 4000 * 1024 * 1024:
             raise InvalidInput(f"block_size must be between 1 byte and 4000 MiB, got {block_size}")
+        if not 1 <= transfers <= 64:
+            raise InvalidInput(f"transfers must be between 1 and 64, got {transfers}")
+        self.transfers = transfers
         self.container = container
         self.reads = reads or container
         self.block_size = block_size

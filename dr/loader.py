@@ -134,35 +134,38 @@ class _Loaders:
 
     def _run(self) -> None:
         current, copy_cm, copy = None, None, None
+        con = None
         try:
-            with psycopg.connect(**self.target.psycopg_kwargs(), autocommit=True) as con:
-                for statement in self.session:
-                    con.execute(statement)
-                cur = con.cursor()
-                while not self.failed.is_set():
-                    try:
-                        dump_id, piece = self.queue.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    if not piece:
-                        break
-                    if dump_id != current:
-                        if copy_cm is not None:
-                            copy_cm.__exit__(None, None, None)
-                        copy_cm = None
-                        copy_cm = cur.copy(self.tables[dump_id].copy_stmt)
-                        copy = copy_cm.__enter__()
-                        current = dump_id
-                    copy.write(piece)
-                if copy_cm is not None and not self.failed.is_set():
-                    copy_cm.__exit__(None, None, None)  # ends the COPY: committed
-                # stopped: closing the connection in the middle of a COPY rolls it back
+            con = psycopg.connect(**self.target.psycopg_kwargs(), autocommit=True)
+            for statement in self.session:
+                con.execute(statement)
+            cur = con.cursor()
+            while not self.failed.is_set():
+                try:
+                    dump_id, piece = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if not piece:
+                    break
+                if dump_id != current:
+                    if copy_cm is not None:
+                        copy_cm.__exit__(None, None, None)  # ends the COPY: committed
+                    copy_cm = None
+                    copy_cm = cur.copy(self.tables[dump_id].copy_stmt)
+                    copy = copy_cm.__enter__()
+                    current = dump_id
+                copy.write(piece)
+            if copy_cm is not None and not self.failed.is_set():
+                copy_cm.__exit__(None, None, None)
         except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
             what = self._name(current) if current is not None else "the restore session"
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.errors.append(RestoreError(f"loading the rows of {what} into {self.target.dbname} failed: {detail}",
                                             database=self.target.dbname))
             self.failed.set()
+        finally:
+            if con is not None:
+                con.close()  # in the middle of a COPY (stopped): the server rolls it back
 
 
 def stream_restore(tools: PgTools, head: ArchiveHead, stream: ArchiveStream, target: ConnInfo, env: dict[str, str],

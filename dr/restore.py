@@ -70,6 +70,8 @@ class RestoreResult:
     seconds: float
     verified_manifest: bool
     already_done: bool = False
+    #: rows per table of the restored database, as counted by the manifest check (None: not counted)
+    rows: dict[str, int] | None = None
 
 
 def latest_complete_backup(store: BackupStore, *, kinds: tuple[str, ...] | None = None,
@@ -321,6 +323,7 @@ def restore_backup(
     create_database(admin, new_db, comment=f"dr: restoring {info.name}")
     target = servers.connection(server, new_db)
     verified = False
+    rows = None
     try:
         progress = Progress(f"restore {backup}", info.size or None, hooks=progress_hooks)
         with store.reader(backup) as reader:
@@ -345,7 +348,7 @@ def restore_backup(
                 raise
         progress.report()
         if info.manifest:
-            verify_against_manifest(target, info.manifest)
+            rows = verify_against_manifest(target, info.manifest).get("rows")
             verified = True
         analyzed = _analyze_where_needed(target)
         log.info("statistics: %s", "restored from the backup" if not analyzed else
@@ -365,8 +368,8 @@ def restore_backup(
         raise
     if not swap:
         secs = (datetime.now(timezone.utc) - started).total_seconds()
-        return RestoreResult(backup, server, new_db, None, secs, verified)
+        return RestoreResult(backup, server, new_db, None, secs, verified, rows=rows)
     replaced = swap_databases(admin, database, new_db, replaced_name(database, started))
     secs = (datetime.now(timezone.utc) - started).total_seconds()
     log.info("restored %s into %s on %s in %.1f s (previous database kept as %s)", backup, database, server, secs, replaced)
-    return RestoreResult(backup, server, database, replaced, secs, verified)
+    return RestoreResult(backup, server, database, replaced, secs, verified, rows=rows)

@@ -74,7 +74,8 @@ def restore_database(
         except DrError as exc:
             raise exc.annotate(step="restore", world_state="unknown; check the server's databases",
                                resume_hint=f"dr restore --service {service} --env {environment} --backup {info.name}")
-        counts = table_counts(ref, server=server, database=database)
+        # the manifest check already counted every row of the restored database (a full read of it)
+        counts = result.rows if result.rows is not None else table_counts(ref, server=server, database=database)
     return {"backup": info.name, "database": result.database, "replaced_database": result.replaced_database,
             "safety_backup": safety, "verified_manifest": result.verified_manifest, "seconds": result.seconds,
             "already_done": result.already_done, "rows": counts}

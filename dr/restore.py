@@ -134,7 +134,7 @@ def _codec(fmt: str) -> str | None:
 def _feed(reader: BackupReader, proc: Running, progress: Progress, decoder: _Decoder | None) -> None:
     """Copy the backup into the child's stdin, decompressing it on the way if asked."""
     try:
-        while chunk := reader.read(CHUNK):
+        while chunk := reader.read(DECODE_CHUNK if decoder else CHUNK):
             progress.add(len(chunk))
             data = decoder.decompress(chunk) if decoder else chunk
             if data:
@@ -200,9 +200,14 @@ def _analyze_where_needed(target) -> list[str]:
     return [f"{schema}.{table}" for schema, table in missing]
 
 
+#: compressed bytes decompressed at a time: what one read can expand to is bounded by it (a 1 MiB
+#: read of well-compressing rows came out as tens of MB at once)
+DECODE_CHUNK = 128 * 1024
+
+
 def _decompressed(reader: BackupReader, progress: Progress, decoder: _Decoder | None) -> Iterator[bytes]:
     """The backup's bytes as pg_restore reads them; the checksum is checked before the last ones."""
-    while chunk := reader.read(CHUNK):
+    while chunk := reader.read(DECODE_CHUNK if decoder else CHUNK):
         progress.add(len(chunk))
         if data := (decoder.decompress(chunk) if decoder else chunk):
             yield data

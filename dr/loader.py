@@ -93,7 +93,6 @@ class _Loaders:
         self.queue: queue.Queue = queue.Queue(maxsize=jobs)  # memory: ~(2 * jobs + 2) pieces
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
-        self.rows_bytes: dict[int, int] = {}
         self.threads = [threading.Thread(target=self._run, name=f"dr-loader-{i}", daemon=True) for i in range(jobs)]
 
     def __enter__(self) -> "_Loaders":

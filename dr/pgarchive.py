@@ -119,6 +119,7 @@ class ArchiveStream:
         self._buf = b""
         self._pos = 0
         self._raw: list[bytes] | None = None  # recording the head's bytes
+        self._int_size = 4  # as the header says, once read
         self.head: ArchiveHead | None = None
         self.consumed = 0
 
@@ -131,7 +132,6 @@ class ArchiveStream:
                 rest = self._buf[self._pos:]
                 if self._raw is not None and self._pos:
                     self._raw.append(self._buf[:self._pos])
-                    rest = self._buf[self._pos:]
                 self.consumed += self._pos
                 self._buf, self._pos = rest + chunk, 0
                 return True
@@ -149,7 +149,7 @@ class ArchiveStream:
         return self._read(1)[0]
 
     def _int(self) -> int:
-        size = self.head.int_size if self.head else self._int_size
+        size = self._int_size
         raw = self._read(1 + size)
         value = int.from_bytes(raw[1:], "little")
         return -value if raw[0] else value

@@ -52,6 +52,8 @@ class TocEntry:
     defn: str | None
     copy_stmt: str | None
     namespace: str | None
+    #: dump ids of the entries this one depends on (as pg_dump recorded them)
+    deps: tuple[int, ...] = ()
 
     def restore_pass(self) -> int:
         """0 main, 1 ACL, 2 after the ACLs (as pg_restore orders them)."""
@@ -227,11 +229,14 @@ class ArchiveStream:
             self._int()  # relkind
         self._str()  # owner
         self._str()  # "false": WITH OIDS
-        while self._str() is not None:  # dependencies
-            pass
+        deps = []
+        while (dep := self._str()) is not None:
+            if not dep.isdigit():
+                raise ArchiveFormatError(f"entry {dump_id} has a dependency that is not a dump id: {dep[:20]!r}")
+            deps.append(int(dep))
         self._byte()  # data offset flag (custom format's extra TOC data)
         self._read(off_size)
-        return TocEntry(dump_id, had_dumper, tag, desc, section, defn, copy_stmt, namespace)
+        return TocEntry(dump_id, had_dumper, tag, desc, section, defn, copy_stmt, namespace, tuple(deps))
 
     # -- the data
 

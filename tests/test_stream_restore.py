@@ -1,5 +1,6 @@
-"""A parallel restore of a `custom-zstd` backup loads the rows while the backup streams in, with
-every connection, and ends with exactly the database `pg_restore` would have made.
+"""A parallel restore of a `custom-zstd` backup loads the rows while the backup streams in, frozen,
+builds each table's indexes and constraints as soon as its rows are in, and ends with exactly the
+database `pg_restore` would have made.
 
 The loader (dr/loader.py) reads pg_dump's archive itself (dr/pgarchive.py) instead of handing a
 spooled file to `pg_restore -j`, so these tests compare what it restores with the source, object by
@@ -21,13 +22,11 @@ from datetime import datetime, timezone
 
 import pytest
 import zstandard
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from dr.backup import backup_name, take_backup
 from dr.commands import PgTools, passfile_env
 from dr.errors import BackupCorrupted, RestoreError
-from dr.loader import _whole_rows
+from dr.loader import early_entries
 from dr.pgarchive import SECTION_DATA, ArchiveStream
 from dr.restore import restore_backup
 
@@ -63,8 +62,9 @@ CREATE TABLE app.events (id bigserial, on_day date NOT NULL, what text) PARTITIO
 CREATE TABLE app.events_2025 PARTITION OF app.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
 CREATE TABLE app.events_2026 PARTITION OF app.events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
 INSERT INTO app.events (on_day, what) SELECT date '2025-06-01' + g % 400, 'event ' || g FROM generate_series(1, 5000) g;
+CREATE INDEX events_day ON app.events (on_day);
 
--- big enough to arrive in many pieces, so both connections load it
+-- big enough to arrive in many pieces
 CREATE TABLE app.big (id int PRIMARY KEY, pad text);
 INSERT INTO app.big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 30000) g;
 CREATE INDEX big_pad ON app.big (pad);
@@ -147,13 +147,34 @@ class TestStreamedParallelRestore:
         # planner statistics came with the backup
         assert env.scalar("SELECT reltuples FROM pg_class WHERE oid = 'app.big'::regclass", database=db) == 30000
 
-    def test_the_biggest_table_is_loaded_by_every_connection(self, edge):
+    def test_rows_are_loaded_frozen_so_reading_them_writes_nothing(self, edge):
+        """Rows loaded frozen (`COPY ... FREEZE`) need no hint bits set on their first read, which on
+        a server with data checksums writes each page read to the WAL again after a checkpoint."""
         env = edge
-        name = backup_of(env, DB, "split")
+        name = backup_of(env, DB, "frozen")
         db = restore_beside(env, name, jobs=2)
-        # each connection loads its share in a transaction of its own
-        assert env.scalar("SELECT count(DISTINCT xmin::text) FROM app.big", database=db) >= 2
-        assert env.scalar("SELECT count(DISTINCT xmin::text) FROM app.big", database=DB) == 1
+        assert env.scalar("SHOW data_checksums", database=db) == "on"
+
+        def wal_of_first_read(table: str) -> int:
+            env.query("CHECKPOINT", database=db)
+            before = env.scalar("SELECT pg_current_wal_insert_lsn()", database=db)
+            assert env.scalar(f"SELECT count(*) FROM {table}", database=db) == 30000
+            return env.scalar(f"SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '{before}')", database=db)
+
+        # every row of every loaded table is frozen (HEAP_XMIN_FROZEN = XMIN_COMMITTED | XMIN_INVALID)
+        env.query("CREATE EXTENSION pageinspect", database=db)
+        for table in ("app.big", "app.notes", "app.children", "app.events_2025"):
+            frozen, rows = env.query(
+                f"SELECT count(*) FILTER (WHERE t_infomask & 768 = 768), (SELECT count(*) FROM {table}) "
+                f"FROM generate_series(0, pg_relation_size('{table}') / 8192 - 1) p, "
+                f"heap_page_items(get_raw_page('{table}', p::int)) WHERE lp_flags = 1", database=db)[0]
+            assert frozen == rows > 0, (table, frozen, rows)
+        pages = env.scalar("SELECT pg_relation_size('app.big') / 8192", database=db)
+        # the same rows loaded the usual way: their first read writes (nearly) every page again
+        env.query("CREATE TABLE app.big_unfrozen AS SELECT * FROM app.big", database=db)
+        assert wal_of_first_read("app.big_unfrozen") > pages * 8192 * 0.9
+        assert wal_of_first_read("app.big") < 8192 * 4
+        env.query("DROP TABLE app.big_unfrozen", database=db)
 
     def test_an_archive_with_large_objects_is_restored_from_a_local_file(self, edge, caplog):
         env = edge
@@ -206,6 +227,21 @@ class TestArchiveReading:
                                            "SEQUENCE SET"}
         assert not {e.desc for e in before} & {"INDEX", "ACL", "TABLE DATA", "MATERIALIZED VIEW DATA"}
         assert len(before) + len(after) + len(tables) == len(head.entries)
+        # built as soon as their tables' rows are in: the indexes and constraints of tables with rows, a
+        # foreign key once both its tables are; not those of a partitioned table or a materialized view
+        plan = early_entries(head, after)
+        by_id = {e.dump_id: e for e in head.entries}
+        data_of = {e.tag: i for i, e in tables.items()}
+        early = {by_id[i].tag: {tables[t].tag for t in reads} for i, (reads, _) in plan.items()}
+        assert early == {"notes notes_pkey": {"notes"}, "notes_lower_body": {"notes"},
+                         "children children_pkey": {"children"}, "children children_note_id_fkey": {"children", "notes"},
+                         "big big_pkey": {"big"}, "big_pad": {"big"}}, early
+        fk = next(i for i in plan if by_id[i].tag == "children children_note_id_fkey")
+        assert {by_id[i].tag for i in plan[fk][1]} == {"notes notes_pkey"} and data_of["notes"] in plan[fk][0]
+        assert {by_id[i].desc for i in plan} == {"INDEX", "CONSTRAINT", "FK CONSTRAINT"}
+        left = {e.tag for e in after if e.desc in ("INDEX", "CONSTRAINT", "INDEX ATTACH") and e.dump_id not in plan}
+        # a partition's index hangs on its partitioned table's, which waits for every partition's rows
+        assert left == {"events_day", "events_2025_on_day_idx", "events_2026_on_day_idx"}, left
 
     def test_an_archive_compressed_by_pg_dump_is_not_streamed(self, edge, tmp_path):
         env = edge
@@ -214,22 +250,6 @@ class TestArchiveReading:
             data = subprocess.run([tools.path("pg_dump"), "-Fc", "-Z1", "-d", DB], env=penv, check=True,
                                   capture_output=True).stdout
         assert "compressed" in ArchiveStream([data]).read_head().unsupported()
-
-
-class TestCuttingRows:
-    @given(rows=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"") + b"\n"), max_size=40),
-           cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
-           size=st.sampled_from([1, 3, 10, 64, 1000]))
-    @settings(max_examples=300, deadline=None)
-    def test_pieces_are_whole_rows_of_about_the_size_and_nothing_else(self, rows, cuts, size):
-        """However the stream is cut, every piece a connection gets is whole rows (so any connection
-        can load it), no longer than `size` unless it is one row, and together they are the stream."""
-        data = b"".join(rows)
-        bounds = sorted({min(c, len(data)) for c in cuts})
-        pieces = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)])]
-        out = list(_whole_rows(pieces, size))
-        assert b"".join(out) == data
-        assert all(o.endswith(b"\n") and (len(o) <= size or o.count(b"\n") == 1) for o in out)
 
 
 def loader_threads() -> list[str]:

@@ -152,6 +152,11 @@ def good_backup(world_env) -> str:
     return name
 
 
+def rows_in_all_tables(env, database: str) -> int:
+    tables = env.query("SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables", database=database)
+    return sum(env.scalar(f"SELECT count(*) FROM {t}", database=database) for (t,) in tables)
+
+
 def freeze_a_loader_mid_copy(env, timeout: float = 120) -> int | None:
     """The PostgreSQL backend of one of the parallel loader's connections, caught in a COPY into a
     `_restore_` database and FROZEN (SIGSTOP) there; None if no such COPY was seen."""
@@ -176,8 +181,8 @@ def pg_restore_killed(request, world_env, good_backup):
 
     - streamed (`jobs` 1): SIGKILL pg_restore in the middle of a COPY;
     - parallel-rows (`jobs` 2): one of the loader's connections terminated in the middle of its COPY;
-    - parallel-indexes (`jobs` 2): SIGKILL the `pg_restore -j` that builds indexes and constraints
-      once the rows are in (with its workers).
+    - parallel-indexes (`jobs` 2): SIGKILL the first `pg_restore` that builds an index or constraint
+      as soon as its table's rows are in (with every other pg_restore then running).
     """
     env = world_env
     obs: dict = {"before": snapshot(env), "how": request.param}
@@ -194,14 +199,13 @@ def pg_restore_killed(request, world_env, good_backup):
                 thaw(backend)
             run.join()
     else:
-        which = "--exit-on-error" if request.param == "streamed" else "rest.list"
+        which = "--exit-on-error" if request.param == "streamed" else "early-"
         pg_restore = wait_for_child("pg_restore", which, while_=run.thread.is_alive)
         try:
             if request.param == "streamed":
                 obs["caught_mid_copy"] = step_until(pg_restore, lambda: copy_in_progress(env), progress="rchar")
-            else:  # the rows are in: the loader's COPYs are done, the restore database holds them
-                obs["caught_mid_copy"] = bool(env.scalar("SELECT count(*) FROM blobs",
-                                                         database=restore_databases(env)[0]))
+            else:  # a table's rows are in (committed), its index not yet
+                obs["caught_mid_copy"] = rows_in_all_tables(env, restore_databases(env)[0]) > 0
             obs["restore_dbs_mid_copy"] = restore_databases(env)
         finally:
             kill_all("pg_restore")  # with its -j workers

@@ -712,7 +712,8 @@ def restore_model(statements: list[tuple[float, str]]) -> dict[str, Any]:
     return {"serial_seconds": serial, "pre_data_seconds": pre, "critical_seconds": critical, "critical_table": crit_table,
             "tables": {k: {**v, "chain": chains[k]} for k, v in tables.items()},
             "bound_by_cores": {str(n): max(critical, serial / n) for n in (1, 2, 4, 8, 16)},
-            # dr/loader.py loads one table's rows through every connection: its COPY shares the n cores
+            # if one table's rows were loaded through every connection (its COPY sharing the n cores); dr/loader.py
+            # does not: it loads each table frozen, by one connection (see bench/README.md)
             "bound_by_cores_split": {str(n): max(pre + max((x["copy"] / n + x["constraints"] + x["index_max"]
                                                               for x in tables.values()), default=0.0), serial / n)
                                      for n in (1, 2, 4, 8, 16)}}
@@ -757,7 +758,8 @@ def profile_text(run: dict[str, Any]) -> str:
                  + ", ".join(f"{n}: {v:.1f} s ({p['serial_seconds'] / v:.2f}x)" for n, v in p["bound_by_cores"].items())
                  + f"; measured gunzip | psql {psql:.1f} s")
     if "bound_by_cores_split" in p:
-        lines.append("best case by cores, rows of a table split across the connections (dr/loader.py): "
+        lines.append("best case by cores if a table's rows were split across the connections (not frozen, "
+                     "so not what dr/loader.py does): "
                      + ", ".join(f"{n}: {v:.1f} s ({p['serial_seconds'] / v:.2f}x)"
                                  for n, v in p["bound_by_cores_split"].items()))
     cpu = {k: statistics.median(sm.extra.get("cpu_client", 0) + sm.extra.get("cpu_server", 0) for sm in r[k].samples)

@@ -102,7 +102,7 @@ class _Loaders:
                         for i in range(jobs)]
         #: called with (dump id, bytes of rows) once a table's rows are committed
         self.on_loaded: Callable[[int, int], None] = lambda dump_id, size: None
-        self.frozen = 0
+        self.frozen: list[int] = []  # tables loaded frozen
 
     def __enter__(self) -> "_Loaders":
         for t in self.threads:
@@ -182,7 +182,7 @@ class _Loaders:
                     stmt = _frozen(entry)
                     if stmt:
                         cur.execute(sql.SQL("TRUNCATE ONLY {}").format(sql.Identifier(entry.namespace, entry.tag)))
-                        self.frozen += 1
+                        self.frozen.append(dump_id)
                     copy_cm = cur.copy(stmt or entry.copy_stmt)
                     copy = copy_cm.__enter__()
                 copy.write(piece)
@@ -410,7 +410,7 @@ def stream_restore(tools: PgTools, head: ArchiveHead, stream: ArchiveStream, tar
     tools.run("pg_restore", [*common, f"--jobs={jobs}", "-L", str(_write_list(workdir / "rest.list", rest)),
                              str(toc)], env=env)
     times["post-data"] = time.monotonic() - t
-    log.info("restored in phases: schema %.1f s, rows %.1f s (%d connections; %d indexes and constraints built "
-             "as their tables' rows came in, done at %.1f s), the rest %.1f s", times["schema"], times["rows"], jobs,
-             len(done), times["early"], times["post-data"])
+    log.info("restored in phases: schema %.1f s, rows %.1f s (%d connections, %d of %d tables frozen; %d indexes and "
+             "constraints built as their tables' rows came in, done at %.1f s), the rest %.1f s", times["schema"],
+             times["rows"], jobs, len(loaders.frozen), len(loaders.tables), len(done), times["early"], times["post-data"])
     return times

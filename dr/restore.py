@@ -3,8 +3,8 @@
 1. Restore into a NEW database `<db>_restore_<stamp>` on the target server, streaming
    from the store. A `.pgdump.zst` backup (an uncompressed custom archive, zstd-compressed)
    with `jobs > 1` is loaded as it arrives by `dr.loader`: schema first, then every table's
-   rows through `jobs` connections at once, then indexes, constraints and the rest with
-   `pg_restore -j`; nothing is spooled. Other custom archives with `jobs > 1` are spooled to
+   rows, frozen, through `jobs` connections (a table each), each table's indexes and constraints
+   as soon as its rows are in, then the rest with `pg_restore -j`; nothing is spooled. Other custom archives with `jobs > 1` are spooled to
    a local file for `pg_restore -j`; with `jobs = 1` every custom archive streams into
    `pg_restore --exit-on-error`, and plain `.sql.gz` into `psql -v ON_ERROR_STOP=1`.
 2. Check the bytes read against the checksum recorded at backup time.

@@ -357,8 +357,6 @@ class Bench:
 def _parse_size(size: str) -> int:
     import re
 
-    from dr.platforms.local.sample import scale_for_size  # noqa: F401 (validates the same way)
-
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(mb|gb)", size.strip().lower())
     if not m:
         raise SystemExit(f"size {size!r}: use a size such as 250mb or 1gb")

@@ -261,7 +261,7 @@ class _Early:
                  start: Callable[[Path, bool], Running], workdir: Path, jobs: int):
         self.plan, self.start, self.workdir, self.jobs = plan, start, workdir, jobs
         self.loading = True  # rows are still being loaded
-        self.desc = {e.dump_id: e.desc for e in head.entries}
+        self.entries = {e.dump_id: e for e in head.entries}
         self.order = {e.dump_id: i for i, e in enumerate(head.entries)}
         self.pending = set(plan)
         self.loaded: dict[int, int] = {}  # TABLE DATA id -> bytes
@@ -319,8 +319,8 @@ class _Early:
 
     def _conflicts(self, dump_id: int) -> bool:
         tables = self.plan[dump_id][0]
-        index = self.desc[dump_id] == "INDEX"
-        return any(tables & self.plan[r][0] and not (index and self.desc[r] == "INDEX") for r in self.running)
+        index = self.entries[dump_id].desc == "INDEX"
+        return any(tables & self.plan[r][0] and not (index and self.entries[r].desc == "INDEX") for r in self.running)
 
     def _next(self) -> int | None:
         if self.loading and len(self.running) >= max(1, self.jobs - 1):  # a core for the rows
@@ -342,9 +342,7 @@ class _Early:
                 self.running[nxt] = None
                 loading = self.loading
             try:
-                path = self.workdir / f"early-{nxt}.list"
-                path.write_text(f"{nxt};\n")
-                proc = self.start(path, loading)
+                proc = self.start(_write_list(self.workdir / f"early-{nxt}.list", [self.entries[nxt]]), loading)
                 with self.cond:
                     self.running[nxt] = proc
                     stop = self.stopping

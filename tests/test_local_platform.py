@@ -157,6 +157,55 @@ class TestBackupStore:
         assert store.list_backups() == []
         assert [p.name for p in store.root.iterdir()] == []
 
+    def test_a_big_upload_goes_to_disk_while_it_is_written(self, fresh_env, monkeypatch):
+        """The commit's fsync must not be left a whole backup to write (measured: ~0.6 s per 270 MB)."""
+        import dr.platforms.local.store as local_store
+
+        store = fresh_env.platform.store
+        monkeypatch.setattr(local_store, "FLUSH_EVERY", 100_000)
+        flushed_sizes: list[int] = []
+        real_fdatasync = os.fdatasync
+
+        def recording_fdatasync(fd: int) -> None:
+            flushed_sizes.append(os.fstat(fd).st_size)
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+        data = os.urandom(1_000_000)
+        with store.writer("big.pgdump") as w:
+            for i in range(0, len(data), 50_000):
+                w.write(data[i:i + 50_000])
+            before_commit = list(flushed_sizes)
+            info = w.commit(BackupInfo(name="big.pgdump", size=0, complete=True, created_at=utc_now(), kind="adhoc"))
+        # flushed while being written (how often depends on how fast each flush is: one runs at a time)
+        assert before_commit and all(100_000 <= n < len(data) for n in before_commit), before_commit
+        with store.reader("big.pgdump") as r:
+            assert r.read() == data
+            r.verify()
+        assert info.size == len(data)
+
+    def test_a_disk_error_met_by_a_background_flush_fails_the_upload(self, fresh_env, monkeypatch):
+        """Linux reports a writeback error to one fsync only: the writer must keep it, not commit."""
+        import errno
+
+        import dr.platforms.local.store as local_store
+        from dr.errors import BackupError
+
+        store = fresh_env.platform.store
+        monkeypatch.setattr(local_store, "FLUSH_EVERY", 100_000)
+
+        def full_disk(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fdatasync", full_disk)
+        with pytest.raises(BackupError, match="is full"):
+            with store.writer("e.pgdump") as w:
+                for _ in range(10):
+                    w.write(os.urandom(50_000))
+                w.commit(BackupInfo(name="e.pgdump", size=0, complete=True, created_at=utc_now(), kind="adhoc"))
+        assert store.list_backups() == []
+        assert [p.name for p in store.root.iterdir()] == []
+
 
 class TestRoundTrip:
     @pytest.mark.parametrize("fmt", ["custom", "plain-gzip"])

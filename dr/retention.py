@@ -284,19 +284,19 @@ def supports_holds(store: BackupStore) -> bool:
     return hold.dispatch(type(store)) is not hold.dispatch(BackupStore)
 
 
-def _register_azure() -> None:
+def register_azure_holds() -> None:
     """Holds on Blob Storage: a small marker blob `.<backup>.hold-<holder>` per holder.
 
     Written with If-None-Match (never over another's hold), read back by `held` with its
     age, removed when the block ends; a crashed restore's marker goes stale after
     `HOLD_STALE_AFTER`. Markers need no lease bookkeeping and allow several readers.
-    """
-    try:
-        from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
-        from dr.platforms.azure.store import AzureBackupStore
-    except ImportError:  # the azure extra is not installed: no azure stores either
-        return
+    Called by `dr.platforms.azure.store` once it is imported (an Azure store exists only
+    then), so that a restore on the local platform does not import the Azure SDK (~1 s).
+    """
+    from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+
+    from dr.platforms.azure.store import AzureBackupStore
 
     def marker(name: str, holder: str = "") -> str:
         return f".{check_backup_name(name)}.hold-{holder}"
@@ -355,7 +355,6 @@ def _register_azure() -> None:
         return live
 
 
-_register_azure()
 
 
 # --- applying the policy to a store -------------------------------------------------------
@@ -426,6 +425,6 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
 
 
 __all__ = [
-    "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "held", "hold", "is_nightly", "select_keep",
-    "supports_holds",
+    "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "held", "hold", "is_nightly",
+    "register_azure_holds", "select_keep", "supports_holds",
 ]

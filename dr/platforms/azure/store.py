@@ -515,3 +515,10 @@ class AzureBackupStore(BackupStore):
             except AzureError as exc:
                 raise self._error(exc, name, "delete") from exc
         log.info("deleted backup %s from %s", name, self.where)
+
+
+# retention's holds (dr/retention.py) on this kind of store: registered here, so that only a
+# process that uses Blob Storage imports the Azure SDK
+from dr.retention import register_azure_holds  # noqa: E402
+
+register_azure_holds()

@@ -20,10 +20,12 @@ system's PostgreSQL, not the embedded one), as real Azure does.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import socket
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from psycopg import sql
 from fake_arm import FakeArm, iso
 
 PG_PORT = 5432
+log = logging.getLogger(__name__)
 
 
 class Forwarder:
@@ -57,11 +60,25 @@ class Forwarder:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
+    def _upstream(self) -> socket.socket:
+        """A connection to the cluster; a refused connect is tried again for up to 3 s."""
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port_of()), timeout=10)
+                upstream.settimeout(None)
+                return upstream
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def _serve(self, client: socket.socket) -> None:
         try:
-            upstream = socket.create_connection(("127.0.0.1", self.port_of()), timeout=10)
-            upstream.settimeout(None)
-        except Exception:
+            upstream = self._upstream()
+        except Exception as exc:
+            # the client sees "server closed the connection unexpectedly": say why in the test's log
+            log.warning("forwarder %s:%d: no connection to the cluster: %r", self.ip, PG_PORT, exc)
             client.close()
             return
 
@@ -123,7 +140,8 @@ class BackedArm(FakeArm):
             for _ in range(50):
                 ip = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
                 try:
-                    self.forwarders[name] = Forwarder(ip, lambda n=name: self.local.get_server(n).port)
+                    # the port from the server's metadata (get_server would also run pg_ctl status for each connection)
+                    self.forwarders[name] = Forwarder(ip, lambda n=name: self.local.connection(n, "postgres").port)
                     break
                 except OSError:  # taken by a parallel run
                     continue

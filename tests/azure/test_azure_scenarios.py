@@ -126,10 +126,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     env = LocalEnv(root, str(cfg_path), cfg, target, get_platform(cfg, target))
     yield AzureEnv(env, arm, container, password)
     arm.stop()
-    try:
-        lifecycle.down(cfg, purge=False)
-    except Exception:
-        pass
+    env.down()
     clear_cache()
 
 

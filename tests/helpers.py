@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,15 +64,12 @@ class LocalEnv:
         lifecycle.up(self.config, self.target)
 
     def down(self) -> None:
-        """Stop everything, then remove the environment's files (~250 MB and ~3,700 files each;
-        a whole suite's worth left for the end of the session is tens of GB)."""
         from dr.platforms.local import lifecycle
 
         try:
             lifecycle.down(self.config, purge=False)
         except Exception:
             pass
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def query(self, sql: str, params: Any = None, *, database: str | None = None, server: str | None = None) -> list[tuple]:
         with psycopg.connect(**self.conn(database, server).psycopg_kwargs(), autocommit=True) as c:

@@ -126,7 +126,10 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     env = LocalEnv(root, str(cfg_path), cfg, target, get_platform(cfg, target))
     yield AzureEnv(env, arm, container, password)
     arm.stop()
-    env.down()
+    try:
+        lifecycle.down(cfg, purge=False)
+    except Exception:
+        pass
     clear_cache()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from datetime import timedelta
 
 import httpx
@@ -164,10 +165,12 @@ class TestBackupStore:
         store = fresh_env.platform.store
         monkeypatch.setattr(local_store, "FLUSH_EVERY", 100_000)
         flushed_sizes: list[int] = []
+        first_flush = threading.Event()
         real_fdatasync = os.fdatasync
 
         def recording_fdatasync(fd: int) -> None:
             flushed_sizes.append(os.fstat(fd).st_size)
+            first_flush.set()
             real_fdatasync(fd)
 
         monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
@@ -175,10 +178,15 @@ class TestBackupStore:
         with store.writer("big.pgdump") as w:
             for i in range(0, len(data), 50_000):
                 w.write(data[i:i + 50_000])
+                if i + 50_000 == 100_000:
+                    # the flush runs in a thread: let it start before writing on, so what it saw is known
+                    assert first_flush.wait(30), "no flush was started once 100 kB were written"
             before_commit = list(flushed_sizes)
             info = w.commit(BackupInfo(name="big.pgdump", size=0, complete=True, created_at=utc_now(), kind="adhoc"))
-        # flushed while being written (how often depends on how fast each flush is: one runs at a time)
-        assert before_commit and all(100_000 <= n < len(data) for n in before_commit), before_commit
+        # the first flush saw the first 100 kB on disk; more followed while the rest was written (how many
+        # depends on how fast each flush is: one runs at a time, so a slow one can see the whole file)
+        assert before_commit[0] == 100_000, before_commit
+        assert all(100_000 <= n <= len(data) for n in before_commit), before_commit
         with store.reader("big.pgdump") as r:
             assert r.read() == data
             r.verify()

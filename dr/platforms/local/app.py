@@ -32,6 +32,8 @@ from dr.platforms.base import AppControl, AppStatus
 from dr.platforms.local.servers import free_port
 
 ROLES = ("web", "worker")
+#: the processes of the local app (see its docstring)
+WEBAPP = Path(__file__).with_name("webapp.py")
 #: the commands that finish a half-done switch (each step is skipped when already done)
 RESUME_ON = ("run the same command again once the cause is fixed (`dr maintenance on --stop-app`, or the "
              "scenario with the same --incident): it keeps the replica counts recorded first")
@@ -69,12 +71,15 @@ class LocalApp(AppControl):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
-        return b"dr.platforms.local.webapp" in cmd and role.encode() in cmd and self.key.encode() in cmd
+        ours = any(a == b"dr.platforms.local.webapp" or a.endswith(b"/webapp.py") for a in cmd)
+        return ours and role.encode() in cmd and self.key.encode() in cmd
 
     def _spawn(self, role: str) -> int:
         log = open(self.dir / f"{role}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dr.platforms.local.webapp", role, "--state-dir", str(self.state_dir), "--key", self.key],
+            # run as a script (-P: its directory is not put on sys.path), so it does not import the
+            # whole dr package first: the three processes start in a third of the time
+            [sys.executable, "-P", str(WEBAPP), role, "--state-dir", str(self.state_dir), "--key", self.key],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=child_env(),
         )
         return proc.pid
@@ -90,7 +95,7 @@ class LocalApp(AppControl):
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.02)
         if self._alive(pid, role):
             os.kill(pid, signal.SIGKILL)
 
@@ -104,7 +109,7 @@ class LocalApp(AppControl):
                 if not self._alive(pid, role):  # it died (e.g. its port is taken): no point waiting
                     raise PlatformError(f"the {role} of the local app '{self.key}' exited instead of answering on "
                                         f"port {port}; see {self.dir}/{role}.log") from None
-                time.sleep(0.2)
+                time.sleep(0.05)
         raise OperationTimedOut(f"the {role} of the local app '{self.key}' did not answer on port {port} within "
                                 f"{timeout:.0f} s; see {self.dir}/{role}.log")
 

@@ -1,6 +1,6 @@
 """The local stand-in for the service: a small web app, its worker, and an ingress.
 
-Three kinds of process, each started with `python -m dr.platforms.local.webapp ROLE`:
+Three kinds of process, each started with `python -P webapp.py ROLE`:
 
 - `router`: the ingress. The main URL serves the app, or a 503 maintenance page while
   maintenance is on; the temporary URL always reaches the app (the runbook's temp ingress).
@@ -21,11 +21,10 @@ import html
 import json
 import logging
 import signal
-import time
+import socket
+import threading
 from pathlib import Path
 from typing import Any
-
-import psycopg
 
 log = logging.getLogger("dr.local.webapp")
 
@@ -58,6 +57,7 @@ class AppFiles:
 
 
 def web_app(files: AppFiles):
+    import psycopg
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
@@ -103,16 +103,20 @@ def web_app(files: AppFiles):
     return Starlette(routes=[Route("/healthcheck", healthcheck), Route("/api/counts", counts), Route("/", index)])
 
 
-def router_app(files: AppFiles, *, temp: bool):
+def router_app(files: AppFiles) -> Any:
+    """The app's front door: the main URL (the maintenance page while maintenance is on) and the
+    temporary URL (always the app, for checking it behind maintenance), told apart by the port."""
     import httpx
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, Response
     from starlette.routing import Route
 
     client = httpx.AsyncClient(timeout=30)
+    temp_port = files.app()["temp_port"]
 
     async def proxy(request):
         app = files.app()
+        temp = request.scope["server"][1] == temp_port
         if not temp and app.get("maintenance"):
             return HTMLResponse(MAINTENANCE_PAGE, 503, headers={"x-dr-maintenance": "on", "Retry-After": "600"})
         url = f"http://127.0.0.1:{app['web_port']}{request.url.path}"
@@ -127,29 +131,32 @@ def router_app(files: AppFiles, *, temp: bool):
     return Starlette(routes=[Route("/{path:path}", proxy, methods=["GET", "POST", "HEAD"])])
 
 
-async def _serve(apps: list[tuple[Any, int]]) -> None:
+def _serve(app: Any, ports: list[int]) -> None:
+    """One uvicorn server on every port (one server per process, so a SIGTERM stops it at once)."""
     import uvicorn
 
-    servers = [uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=p, log_level="warning", access_log=False))
-               for a, p in apps]
-    await asyncio.gather(*(s.serve() for s in servers))
+    sockets = []
+    for port in ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sockets.append(sock)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    asyncio.run(server.serve(sockets=sockets))
 
 
 def _worker(files: AppFiles) -> None:
-    stop = False
+    import psycopg
 
-    def _term(*_: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _term)
-    while not stop:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # ends the wait at once, not after the 2-s nap
+    while not stop.is_set():
         try:
             with psycopg.connect(**files.conn_kwargs()) as c:
                 c.execute("SELECT count(*) FROM applications WHERE status = 'submitted'").fetchone()
         except Exception as exc:  # the worker keeps polling until the database is back
             log.warning("worker: database unavailable: %s", type(exc).__name__)
-        time.sleep(2)
+        stop.wait(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,10 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     files = AppFiles(a.state_dir, a.key)
     app = files.app()
     if a.role == "web":
-        asyncio.run(_serve([(web_app(files), app["web_port"])]))
+        _serve(web_app(files), [app["web_port"]])
     elif a.role == "router":
-        asyncio.run(_serve([(router_app(files, temp=False), app["main_port"]),
-                            (router_app(files, temp=True), app["temp_port"])]))
+        _serve(router_app(files), [app["main_port"], app["temp_port"]])
     else:
         _worker(files)
 

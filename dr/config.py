@@ -182,6 +182,16 @@ class LocalSettings(_Strict):
     archive_timeout_seconds: int = Field(default=60, ge=1)
     #: durable writes (initdb, base backups, the server's fsync); only test suites turn this off
     fsync: StrictBool = True
+    #: WAL segment size of new servers (initdb --wal-segsize), in MB: 16 as PostgreSQL and Azure;
+    #: test suites use 1, so each forced archive and base backup writes 1 MB of WAL, not 16
+    wal_segment_mb: int = 16
+
+    @field_validator("wal_segment_mb")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v not in [2**i for i in range(11)]:
+            raise ValueError(f"must be a power of 2 from 1 to 1024 (PostgreSQL's --wal-segsize), got {v}")
+        return v
 
 
 class Notifications(_Strict):

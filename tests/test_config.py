@@ -62,6 +62,7 @@ class TestBadConfig:
         ('timezone = "Mars/Olympus"\n[services.apply.environments.qa]\n', "timezone", "unknown time zone"),
         ('[services.apply.environments.qa]\nchecks = [{kind = "row_count"}]\n',
          "services.apply.environments.qa.checks[0].table", "missing"),
+        ('[local]\nwal_segment_mb = 3\n[services.apply.environments.qa]\n', "local.wal_segment_mb", "power of 2"),
     ])
     def test_fails_naming_the_field(self, text, field, words):
         with pytest.raises(ConfigError) as err:

@@ -34,8 +34,8 @@ class TestLiveServer:
         servers = shared_env.platform.servers
         archive = servers.servers_dir / shared_env.target.server / "archive"
         before = {p.name for p in archive.iterdir()}
+        shared_env.query("SELECT pg_current_xact_id()")  # WAL to switch away from (else the switch is a no-op)
         seg = shared_env.scalar("SELECT pg_walfile_name(pg_switch_wal())")
-        shared_env.query("SELECT pg_current_xact_id()")
         import time
 
         deadline = time.monotonic() + 30
@@ -44,6 +44,9 @@ class TestLiveServer:
         after = {p.name for p in archive.iterdir()}
         assert seg in after and len(after) > len(before)
         assert shared_env.scalar("SELECT failed_count FROM pg_stat_archiver") == 0
+        # segments of the configured size (the test config's 1 MB; PostgreSQL's 16 MB by default)
+        assert shared_env.scalar("SHOW wal_segment_size") == "1MB"
+        assert (archive / seg).stat().st_size == 1024 * 1024
 
     def test_up_is_idempotent(self, shared_env):
         shared_env.up()

@@ -223,4 +223,4 @@ def backing_servers(state_dir: Path, pg_bin_dir: Path) -> Any:
     from dr.commands import PgTools
     from dr.platforms.local.servers import LocalServers
 
-    return LocalServers(state_dir, PgTools.default(pg_bin_dir), archive_timeout_seconds=30, fsync=False)
+    return LocalServers(state_dir, PgTools.default(pg_bin_dir), archive_timeout_seconds=30, fsync=False, wal_segment_mb=1)

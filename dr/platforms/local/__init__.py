@@ -13,15 +13,16 @@ from dr.platforms.local.store import LocalBackupStore
 
 
 @lru_cache(maxsize=8)
-def _servers(state_dir: Path, bin_dir: Path | None, dropped_days: int, archive_timeout: int, fsync: bool) -> LocalServers:
+def _servers(state_dir: Path, bin_dir: Path | None, dropped_days: int, archive_timeout: int, fsync: bool,
+             wal_segment_mb: int) -> LocalServers:
     return LocalServers(state_dir, PgTools.default(bin_dir), dropped_retention_days=dropped_days,
-                        archive_timeout_seconds=archive_timeout, fsync=fsync)
+                        archive_timeout_seconds=archive_timeout, fsync=fsync, wal_segment_mb=wal_segment_mb)
 
 
 def local_servers(config: DrConfig) -> LocalServers:
     loc = config.local
     return _servers(loc.state_dir.absolute(), loc.pg_bin_dir, loc.dropped_retention_days, loc.archive_timeout_seconds,
-                    loc.fsync)
+                    loc.fsync, loc.wal_segment_mb)
 
 
 def local_store(config: DrConfig, target: Target) -> LocalBackupStore:

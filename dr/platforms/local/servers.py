@@ -97,12 +97,13 @@ class LocalServers(ServerPlatform):
     name = "local"
 
     def __init__(self, state_dir: Path, tools: PgTools | None = None, *, dropped_retention_days: int = 5,
-                 archive_timeout_seconds: int = 60, fsync: bool = True):
+                 archive_timeout_seconds: int = 60, fsync: bool = True, wal_segment_mb: int = 16):
         self.state_dir = Path(state_dir).absolute()
         self.tools = tools or PgTools.default()
         self.dropped_retention = timedelta(days=dropped_retention_days)
         self.archive_timeout = archive_timeout_seconds
         self.fsync = fsync
+        self.wal_segment_mb = wal_segment_mb
         self.servers_dir = self.state_dir / "servers"
         self.dropped_dir = self.state_dir / "dropped"
         self.os_user = self._ensure_os_user()
@@ -294,7 +295,7 @@ class LocalServers(ServerPlatform):
             self.tools.run(
                 "initdb",
                 ["-D", str(d / "data"), "-U", ADMIN_USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-                 "--auth-local=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
+                 "--auth-local=scram-sha-256", f"--wal-segsize={self.wal_segment_mb}", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
                  *([] if self.fsync else ["--no-sync"])],
                 user=self.os_user, timeout=300, env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"},
             )

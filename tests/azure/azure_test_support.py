@@ -55,8 +55,9 @@ class FakeCredential:
         return AccessToken(TOKEN, int(time.time()) + 3600)
 
 
-def fast_retry(total: int) -> Any:
+def fast_retry(total: int, *, to_secondary: bool = False) -> Any:
     """The storage SDK's own retry policy, without its seconds of back-off and jitter."""
     from azure.storage.blob import ExponentialRetry
 
-    return ExponentialRetry(initial_backoff=0, increment_base=0, retry_total=total, random_jitter_range=0)
+    return ExponentialRetry(initial_backoff=0, increment_base=0, retry_total=total, random_jitter_range=0,
+                            retry_to_secondary=to_secondary)

@@ -333,11 +333,13 @@ subscription_id = "00000000-0000-0000-0000-00000000abcd"
 resource_group = "rg"
 """)
         store = azure_store(config, config.target("apply", "production"), credential=FakeCredential(),
-                            retry_policy=fast_retry(0))
+                            retry_policy=fast_retry(0), read_retry=fast_retry(1, to_secondary=True))
         assert store.container.url.startswith("https://s189applydbbkppdsa.blob.core.windows.net/database-backup")
         with pytest.raises(TransientPlatformError, match="could not reach blob storage"):
             store.list_backups()
+        # a read tries the primary, then the secondary region: both were refused by the guard
         assert "s189applydbbkppdsa.blob.core.windows.net" in BLOCKED
+        assert "s189applydbbkppdsa-secondary.blob.core.windows.net" in BLOCKED
 
 
 class ConcurrencyAdapter(requests.adapters.HTTPAdapter):

@@ -50,5 +50,5 @@ def wait_until_healthy(ref: Ref, timeout: float = 120.0) -> tuple[int, str]:
         status, body = rt.app.healthcheck(rt.target.healthcheck_url)
         if status == 200:
             return status, body
-        time.sleep(1)
+        time.sleep(0.25)
     raise OperationTimedOut(f"the app's healthcheck did not answer 200 within {timeout:.0f} s (last: {status} {body[:120]})")

@@ -112,30 +112,55 @@ class TestRegisteredDeployments:
             stop_group(worker)  # a worker slow to stop under load is killed: the run is what is tested here
 
 
+#: what the holders below signal to each other (flow parameters must be plain values)
+_INSIDE = {"development": threading.Event(), "production": threading.Event()}
+_ARRIVED = {"development": 0, "production": 0}
+_ARRIVALS = threading.Condition()
+
+
 @flow
-def _hold(service: str, environment: str, seconds: float) -> tuple[float, float]:
+def _hold(service: str, environment: str, other: str, expected: int) -> tuple[float, float, bool]:
+    """Hold the environment's recovery slot until a recovery of `other` is inside its own, and
+    every recovery of this environment has come to ask for the slot."""
+    with _ARRIVALS:
+        _ARRIVED[environment] += 1
+        _ARRIVALS.notify_all()
     with recovery_lock(Ref(service, environment)):
         start = time.monotonic()
-        time.sleep(seconds)
-        return start, time.monotonic()
+        _INSIDE[environment].set()
+        met = _INSIDE[other].wait(60)
+        with _ARRIVALS:
+            met = _ARRIVALS.wait_for(lambda: _ARRIVED[environment] >= expected, 60) and met
+        time.sleep(1)  # a second recovery of this environment, asking now, would be let in by now if it could
+        return start, time.monotonic(), met
 
 
 def test_one_recovery_per_environment_at_a_time():
-    results: dict[str, tuple[float, float]] = {}
+    """Two recoveries of development run one after the other; production's runs beside them.
 
-    def go(key, env):
-        results[key] = _hold("apply", env, 3)
+    A development holder keeps its slot until production's holder is inside (production waiting
+    for development's slot would show as a 60-s wait that never met it) and until the other
+    development recovery is asking for the slot (so it would be inside at once if it were let in)."""
+    results: dict[str, tuple[float, float, bool]] = {}
 
-    threads = [threading.Thread(target=go, args=(k, e)) for k, e in
-               (("dev-1", "development"), ("dev-2", "development"), ("prod", "production"))]
+    def go(key: str, env: str, other: str, expected: int) -> None:
+        results[key] = _hold("apply", env, other, expected)
+
+    for e in _INSIDE.values():
+        e.clear()
+    _ARRIVED.update(development=0, production=0)
+    threads = [threading.Thread(target=go, args=a) for a in
+               (("dev-1", "development", "production", 2), ("dev-2", "development", "production", 2),
+                ("prod", "production", "development", 1))]
     for th in threads:
         th.start()
     for th in threads:
-        th.join(120)
+        th.join(180)
     a, b, p = results["dev-1"], results["dev-2"], results["prod"]
     first, second = sorted([a, b])
     assert second[0] >= first[1] - 0.05, "two recoveries of the same environment overlapped"
-    assert p[0] < max(a[1], b[1]) and p[1] > min(a[0], b[0]), "another environment should run in parallel"
+    assert p[2] and first[2], "production's recovery waited for development's slot: they should run side by side"
+    assert p[0] < first[1] and p[1] > first[0], "production's recovery did not overlap development's first one"
 
 
 def test_zombie_runs_automation_is_registered_once():

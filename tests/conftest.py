@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -9,6 +10,7 @@ from pathlib import Path
 
 # Prefect reads its settings at import: give this run its own home, no analytics
 _HOME = tempfile.mkdtemp(prefix="dr-prefect-home-")
+atexit.register(shutil.rmtree, _HOME, True)
 os.environ["PREFECT_HOME"] = _HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
@@ -17,7 +19,7 @@ os.environ.pop("DR_CONFIG", None)
 
 import pytest  # noqa: E402
 
-from tests.helpers import LocalEnv, make_env  # noqa: E402
+from tests.helpers import LocalEnv, make_env, wait_for_removals  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +28,7 @@ def base_dir():
     d = Path(tempfile.mkdtemp(prefix="dr-tests-", dir="/tmp"))
     d.chmod(0o755)
     yield d
+    wait_for_removals()
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -43,7 +46,7 @@ def fresh_env(base_dir, request):
     """A local platform of its own, not started: for tests that destroy things."""
     env = make_env(base_dir, request.node.name)
     yield env
-    env.down()
+    env.discard()
 
 
 @pytest.fixture
@@ -59,4 +62,4 @@ def shared_env(base_dir, request):
     env = make_env(base_dir, request.module.__name__.split(".")[-1])
     env.up()
     yield env
-    env.down()
+    env.discard()

@@ -348,7 +348,7 @@ def bad_env(base_dir, prefect_server):
     env.up()
     env.good_backup = backup_database(**env.kw())["name"]
     yield env
-    env.down()
+    env.discard()
 
 
 class World:

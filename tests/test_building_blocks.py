@@ -218,4 +218,4 @@ class TestTidyUp:
             assert res["dry_run"] is True and res["deleted"] == []
             assert env.platform.servers.server_exists(ptr["server"])
         finally:
-            env.down()
+            env.discard()

@@ -185,7 +185,7 @@ class TestProductionGuards:
             assert isinstance(box.get("error"), ApprovalRefused)
             assert env.query("SELECT count(*) FROM markers") == damaged
         finally:
-            env.down()
+            env.discard()
 
 
 class TestServerLoss:

@@ -47,7 +47,7 @@ def secrets_env(base_dir):
     with open(env.config_path, "a") as fh:
         fh.write('\n[notifications]\nslack_webhook_env = "DR_TEST_SLACK_WEBHOOK"\n')
     yield env
-    env.down()
+    env.discard()
 
 
 class ProcWatcher(threading.Thread):

@@ -36,6 +36,7 @@ state_dir = "{state_dir}"
 pg_bin_dir = "{pg_bin_dir}"
 archive_timeout_seconds = 30
 fsync = false
+wal_segment_mb = 1
 
 [services.apply.environments.development]
 platform = "azure"
@@ -89,7 +90,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     from dr.platforms import get_platform
     from dr.platforms.local import lifecycle, local_servers
     from dr.runtime import clear_cache
-    from tests.helpers import LocalEnv
+    from tests.helpers import LocalEnv, remove_later
 
     bin_dir = _system_pg_bin()
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:30].strip("-")
@@ -130,6 +131,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
         lifecycle.down(cfg, purge=False)
     except Exception:
         pass
+    remove_later(root)
     clear_cache()
 
 

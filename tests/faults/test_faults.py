@@ -62,7 +62,7 @@ def world_env(base_dir, prefect_server):
               "FROM generate_series(1, 200000) g")
     env.query("ANALYZE")
     yield env
-    env.down()
+    env.discard()
 
 
 def restore_databases(env) -> list[str]:
@@ -677,7 +677,7 @@ def worker_killed_mid_scenario(base_dir, prefect_server, tmp_path_factory):
         yield obs
     finally:
         free_recovery_slot()  # the slot is shared by the whole session: never leave it taken
-        env.down()
+        env.discard()
 
 
 @pytest.mark.slow

@@ -149,7 +149,7 @@ def restarted_during_approval(base_dir, tmp_path_factory):
         if flow is not None:
             stop_group(flow)
         server.stop()
-        env.down()
+        env.discard()
 
 
 class TestPrefectServerRestartedDuringApproval:

@@ -19,6 +19,8 @@ CONFIG = """
 prefix = "t"
 [local]
 state_dir = "{state}"
+fsync = false
+wal_segment_mb = 1
 [services.apply.environments.test]
 platform = "local"
 app = "kubernetes"

@@ -295,7 +295,8 @@ class LocalServers(ServerPlatform):
             self.tools.run(
                 "initdb",
                 ["-D", str(d / "data"), "-U", ADMIN_USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-                 "--auth-local=scram-sha-256", f"--wal-segsize={self.wal_segment_mb}", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
+                 "--auth-local=scram-sha-256", f"--wal-segsize={self.wal_segment_mb}", "--encoding=UTF8",
+                 "--locale=C.UTF-8", "--data-checksums",
                  *([] if self.fsync else ["--no-sync"])],
                 user=self.os_user, timeout=300, env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"},
             )

@@ -201,9 +201,17 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
     """
     admin = conn.with_db("postgres")
     with connect(admin) as c:
-        has_live = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone() is not None
-        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
+        def exists(name: str) -> bool:
+            return c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+        has_live = exists(live)
+        if not exists(new):
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
+        base, n = replaced, 1
+        while exists(replaced):  # a restore earlier in the same second kept its old database under this name
+            n += 1
+            replaced = base[: 63 - len(f"_{n}")] + f"_{n}"
+        swapped = False
         if has_live:
             c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
         try:
@@ -217,6 +225,7 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                             time.sleep(0.2 * (attempt + 1))
                             c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(replaced)))
                         c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
+                    swapped = True
                     break
                 except psycopg.errors.ObjectInUse as exc:  # a session came back between terminate and rename
                     last = exc
@@ -225,10 +234,11 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                 raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
                                    database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
         finally:
-            # the old database (whatever its name now) accepts connections again, for reconciliation
-            name = replaced if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (replaced,)).fetchone() else live
+            # the old database accepts connections again: live again after a failure, kept for reconciliation after
+            # the swap (its name is known from the outcome, not guessed from what exists)
             if has_live:
-                c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+                c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(replaced if swapped else live)))
     if has_live:
         with connect(admin) as c:
             c.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(

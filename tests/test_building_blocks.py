@@ -71,6 +71,26 @@ class TestRestoreFlow:
         safety = live_env.platform.store.get_backup(r["safety_backup"])
         assert safety.kind == "pre-restore-safety" and safety.manifest["rows"]["public.applications"] == 750
 
+    def test_two_restores_in_the_same_second_keep_both_old_databases(self, live_env, monkeypatch):
+        """The kept database's name has 1-s resolution: a second restore must not collide with the first's."""
+        import dr.restore
+
+        monkeypatch.setattr(dr.restore, "replaced_name", lambda db, when: f"{db}_replaced_20261127040645")
+        want = live_env.scalar(CHECKSUM)
+        b = backup_database(**live_env.kw())
+        live_env.query("DELETE FROM audit_events")
+        first = restore_database(**live_env.kw(), backup=b["name"], safety_backup=False)["replaced_database"]
+        b2 = backup_database(**live_env.kw())  # another backup: the same one again would be a no-op
+        live_env.query("DELETE FROM audit_events WHERE id % 2 = 0")
+        second = restore_database(**live_env.kw(), backup=b2["name"], safety_backup=False)["replaced_database"]
+        assert (first, second) == ("apply_development_replaced_20261127040645",
+                                   "apply_development_replaced_20261127040645_2")
+        # the live database holds the backup and takes connections; each kept one holds what it held
+        assert live_env.scalar(CHECKSUM) == want
+        assert live_env.scalar("SELECT count(*) FROM audit_events", database=first) == 0
+        assert live_env.scalar("SELECT count(*) FROM audit_events WHERE id % 2 = 0", database=second) == 0
+        assert live_env.scalar("SELECT count(*) FROM audit_events WHERE id % 2 = 1", database=second) > 0
+
     def test_restores_a_sql_gz_made_by_the_existing_tooling(self, live_env):
         want = table_counts(live_env.conn())
         put_raw_backup(live_env, "apply_dv_2026-11-01.sql.gz", plain_dump_gz(live_env))

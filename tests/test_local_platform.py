@@ -235,6 +235,28 @@ class TestRoundTrip:
         assert shared_env.scalar(checksum, database=r.database) == shared_env.scalar(checksum)
 
 
+class TestSwap:
+    def test_a_swap_that_cannot_finish_leaves_the_live_database_open_and_unchanged(self, shared_env):
+        """A session on the new database blocks its rename every time: the live one must come back as it was."""
+        import psycopg
+
+        from dr.database import swap_databases
+        from dr.errors import RestoreError
+
+        for db, rows in (("swap_live", 3), ("swap_new", 5)):
+            shared_env.query(f"DROP DATABASE IF EXISTS {db}")
+            shared_env.query(f"CREATE DATABASE {db}")
+            shared_env.query(f"CREATE TABLE t AS SELECT generate_series(1, {rows}) AS id", database=db)
+        admin = shared_env.conn("postgres")
+        with psycopg.connect(**shared_env.conn("swap_new").psycopg_kwargs()):
+            with pytest.raises(RestoreError, match="kept reconnecting") as err:
+                swap_databases(admin, "swap_live", "swap_new", "swap_live_replaced_x", attempts=2)
+        assert "swap_live is unchanged" in err.value.world_state
+        assert shared_env.scalar("SELECT count(*) FROM t", database="swap_live") == 3  # it takes connections again
+        assert shared_env.scalar("SELECT count(*) FROM t", database="swap_new") == 5
+        assert shared_env.query("SELECT datname FROM pg_database WHERE datname LIKE 'swap_live_replaced%'") == []
+
+
 class TestApp:
     def test_healthcheck_and_maintenance_switch(self, shared_env):
         app = shared_env.platform.app

@@ -191,6 +191,16 @@ def restore_db_name(database: str, when: datetime) -> str:
     return database[: 63 - len(suffix)] + suffix
 
 
+def free_database_name(conn: ConnInfo, name: str) -> str:
+    """`name`, or `name_2`, `name_3`... when taken (the time-stamped names have 1-s resolution)."""
+    with connect(conn.with_db("postgres")) as c:
+        candidate, n = name, 1
+        while c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (candidate,)).fetchone():
+            n += 1
+            candidate = name[: 63 - len(f"_{n}")] + f"_{n}"
+        return candidate
+
+
 def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5) -> str | None:
     """Make `new` the live database in one transaction; the old one is kept as `replaced`.
 
@@ -201,16 +211,10 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
     """
     admin = conn.with_db("postgres")
     with connect(admin) as c:
-        def exists(name: str) -> bool:
-            return c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
-
-        has_live = exists(live)
-        if not exists(new):
+        has_live = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone() is not None
+        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
-        base, n = replaced, 1
-        while exists(replaced):  # a restore earlier in the same second kept its old database under this name
-            n += 1
-            replaced = base[: 63 - len(f"_{n}")] + f"_{n}"
+        replaced = free_database_name(admin, replaced)  # a restore earlier in the same second may hold the name
         swapped = False
         if has_live:
             c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))

@@ -43,6 +43,7 @@ from dr.database import (
     database_comment,
     database_exists,
     drop_database,
+    free_database_name,
     replaced_name,
     restore_db_name,
     server_major_version,
@@ -323,7 +324,7 @@ def restore_backup(
         log.info("%s on %s already holds backup %s; nothing to do", database, server, backup)
         return RestoreResult(backup, server, database, None, 0.0, True, already_done=True)
 
-    new_db = restore_db_name(database, started)
+    new_db = free_database_name(admin, restore_db_name(database, started))
     untouched = f"the live database {database} on {server} is untouched"
     create_database(admin, new_db, comment=f"dr: restoring {info.name}")
     target = servers.connection(server, new_db)

@@ -22,7 +22,7 @@ class Leftover:
 
 
 def _stamp(name: str) -> datetime | None:
-    m = re.search(r"_(\d{14})$", name)
+    m = re.search(r"_(\d{14})(?:_\d+)?$", name)  # `_2`, `_3`...: a second one within the same second
     return datetime.strptime(m.group(1), "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc) if m else None
 
 

@@ -90,6 +90,9 @@ class TestRestoreFlow:
         assert live_env.scalar("SELECT count(*) FROM audit_events", database=first) == 0
         assert live_env.scalar("SELECT count(*) FROM audit_events WHERE id % 2 = 0", database=second) == 0
         assert live_env.scalar("SELECT count(*) FROM audit_events WHERE id % 2 = 1", database=second) > 0
+        # tidy-up knows both for its own
+        found = {(i["kind"], i["name"]) for i in tidy_up(**live_env.kw(), dry_run=True)["found"]}
+        assert {("replaced-database", first), ("replaced-database", second)} <= found
 
     def test_restores_a_sql_gz_made_by_the_existing_tooling(self, live_env):
         want = table_counts(live_env.conn())

@@ -90,7 +90,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     from dr.platforms import get_platform
     from dr.platforms.local import lifecycle, local_servers
     from dr.runtime import clear_cache
-    from tests.helpers import LocalEnv, remove_later
+    from tests.helpers import LocalEnv
 
     bin_dir = _system_pg_bin()
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:30].strip("-")
@@ -127,11 +127,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     env = LocalEnv(root, str(cfg_path), cfg, target, get_platform(cfg, target))
     yield AzureEnv(env, arm, container, password)
     arm.stop()
-    try:
-        lifecycle.down(cfg, purge=False)
-    except Exception:
-        pass
-    remove_later(root)
+    env.discard()
     clear_cache()
 
 

@@ -193,12 +193,11 @@ def restore_db_name(database: str, when: datetime) -> str:
 
 def free_database_name(conn: ConnInfo, name: str) -> str:
     """`name`, or `name_2`, `name_3`... when taken (the time-stamped names have 1-s resolution)."""
-    with connect(conn.with_db("postgres")) as c:
-        candidate, n = name, 1
-        while c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (candidate,)).fetchone():
-            n += 1
-            candidate = name[: 63 - len(f"_{n}")] + f"_{n}"
-        return candidate
+    candidate, n = name, 1
+    while database_exists(conn, candidate):
+        n += 1
+        candidate = name[: 63 - len(f"_{n}")] + f"_{n}"
+    return candidate
 
 
 def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5) -> str | None:

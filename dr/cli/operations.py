@@ -1,0 +1,122 @@
+"""Running the Prefect side: server, worker, deployments, automations, and the alert endpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from dr import output
+from dr.cli.core import ConfigOpt, _run, app, server_app, worker_app
+from dr.config import load_config
+
+
+def _api_url_or_fail() -> str:
+    from dr.errors import ConfigError
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ConfigError("PREFECT_API_URL is not set: start a server with `dr server start` and export the "
+                          "PREFECT_API_URL it prints")
+    return api
+
+
+@server_app.command("start")
+def server_start_cmd(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+                     port: Optional[int] = typer.Option(None, help="Port (default 4200, or a free one if taken)."),
+                     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect UI.")) -> None:
+    """Run a self-hosted Prefect server in the foreground (`prefect server start`, analytics off).
+
+    SQLite under .dr-local/prefect unless PREFECT_API_DATABASE_CONNECTION_URL names a
+    PostgreSQL database; set PREFECT_SERVER_API_AUTH_STRING for basic auth.
+    """
+
+    def body() -> None:
+        from deployments import stack
+
+        p = port or stack.pick_port()
+        home = stack.prefect_home()
+        output.say(f"Prefect server on http://{host}:{p} (state in {home}); for the other commands:\n"
+                   f"  export PREFECT_API_URL=http://{'127.0.0.1' if host == '0.0.0.0' else host}:{p}/api")
+        cmd = stack.server_command(host, p, ui=ui)
+        os.execvpe(cmd[0], cmd, stack.server_env(home))
+
+    _run(body)
+
+
+@worker_app.command("start")
+def worker_start_cmd(pool: str = typer.Option("dr", help="The work pool (created as a process pool if missing)."),
+                     name: Optional[str] = typer.Option(None, help="The worker's name."),
+                     limit: Optional[int] = typer.Option(None, help="Most flow runs at once."),
+                     heartbeat_seconds: int = typer.Option(60, help=(
+                         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs (at least 30); "
+                         "`dr automations` must be given the same value."))) -> None:
+    """Run a process worker in the foreground (`prefect worker start --pool dr`), DR_HOME set for the flow runs."""
+
+    def body() -> None:
+        from deployments import stack
+
+        api = _api_url_or_fail()
+        cmd = stack.worker_command(pool, name=name, limit=limit)
+        env = stack.worker_env(api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(heartbeat_seconds))
+        output.say(f"worker for pool {pool} at {api}; flow runs start in {env['DR_HOME']}")
+        os.chdir(env["DR_HOME"])
+        os.execvpe(cmd[0], cmd, env)
+
+    _run(body)
+
+
+@app.command("deploy")
+def deploy_cmd(name: Optional[list[str]] = typer.Option(None, "--name", "-n", help=(
+                   "Only this deployment, `<flow>/<deployment>` (repeatable; default: every one in prefect.yaml).")),
+               heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
+               config: Optional[str] = ConfigOpt) -> None:
+    """Register the deployments of prefect.yaml, the work pool `dr` and the automations (`prefect deploy`)."""
+
+    def body() -> None:
+        from deployments import stack
+        from deployments.automations import ensure_automations
+        from dr.notify import webhook_urls
+
+        api = _api_url_or_fail()
+        if not stack.api_healthy(api):
+            raise stack.PrefectStackError(f"no Prefect server answers at {api}")
+        cfg = load_config(config)
+        if stack.ensure_work_pool(api):
+            output.say(f"work pool {stack.POOL} created (process)")
+        stack.deploy(api, name or None)
+        output.say("deployments on the server: " + ", ".join(stack.list_deployments(api)))
+        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(cfg), api_url=api)
+        output.say("automations created: " + ", ".join(made) if made else "automations already registered")
+
+    _run(body)
+
+
+@app.command("alerts")
+def alerts_cmd(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8787),
+               config: Optional[str] = ConfigOpt) -> None:
+    """Serve the alert endpoint (Azure Monitor common alert schema → a scenario run that waits for a person)."""
+
+    def body() -> None:
+        from dr.alerts import serve
+
+        serve(load_config(config), host, port)
+
+    _run(body)
+
+
+
+@app.command("automations")
+def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
+                    config: Optional[str] = ConfigOpt) -> None:
+    """Register the Prefect automations (runs whose worker died are marked Crashed; on-call is told)."""
+
+    def body() -> None:
+        from deployments.automations import ensure_automations
+        from dr.notify import webhook_urls
+
+        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(load_config(config)))
+        output.say("created: " + ", ".join(made) if made else "automations already registered")
+
+    _run(body)

@@ -203,10 +203,13 @@ def free_database_name(conn: ConnInfo, name: str) -> str:
 def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5) -> str | None:
     """Make `new` the live database in one transaction; the old one is kept as `replaced`.
 
-    Connections to the live database are refused and ended first. If anything fails,
-    the live database is left as it was (renamed back by the transaction's rollback,
-    connections allowed again). Returns the name the old database now has, or None when
-    there was no live database (a recreated server).
+    The live database's sessions are ended and it is renamed in the same round trip: the rename
+    locks the database, so a session connecting meanwhile waits for the transaction and then finds
+    the name taken by the new database (PostgreSQL waits up to 5 s for the ended sessions to exit;
+    one that got in between is met by another attempt). Nothing is set that outlives the
+    transaction: if the restore dies here (kill -9, a lost connection), the server rolls it back
+    and the live database is exactly as it was, accepting connections. Returns the name the old
+    database now has, or None when there was no live database (a recreated server).
     """
     admin = conn.with_db("postgres")
     with connect(admin) as c:
@@ -214,34 +217,24 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
         if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
         replaced = free_database_name(admin, replaced)  # a restore earlier in the same second may hold the name
-        swapped = False
-        if has_live:
-            c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
-        try:
-            last: Exception | None = None
-            for attempt in range(attempts):
-                try:
-                    with c.transaction():
-                        if has_live:
-                            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                      "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
-                            time.sleep(0.2 * (attempt + 1))
-                            c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(replaced)))
-                        c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
-                    swapped = True
-                    break
-                except psycopg.errors.ObjectInUse as exc:  # a session came back between terminate and rename
-                    last = exc
-                    log.warning("swap attempt %s: %s", attempt + 1, exc)
-            else:
-                raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
-                                   database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
-        finally:
-            # the old database accepts connections again: live again after a failure, kept for reconciliation after
-            # the swap (its name is known from the outcome, not guessed from what exists)
-            if has_live:
-                c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(replaced if swapped else live)))
+        end_and_rename = sql.SQL(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = {live} AND pid <> pg_backend_pid(); "
+            "ALTER DATABASE {live_id} RENAME TO {replaced}").format(
+            live=sql.Literal(live), live_id=sql.Identifier(live), replaced=sql.Identifier(replaced))
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                with c.transaction():
+                    if has_live:
+                        c.execute(end_and_rename)  # no parameters: one simple-query round trip
+                    c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
+                break
+            except psycopg.errors.ObjectInUse as exc:  # a session came in between the two statements
+                last = exc
+                log.warning("swap attempt %s: %s", attempt + 1, exc)
+        else:
+            raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
+                               database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
     if has_live:
         with connect(admin) as c:
             c.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(

@@ -14,7 +14,7 @@ from tasks.common import dr_task
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # "ptr-server", "replaced-database", "restore-database"
+    kind: str  # "ptr-server", "replaced-database", "restore-database", "hold"
     name: str
     created_at: datetime
     deletable: bool
@@ -63,6 +63,11 @@ def find_leftovers(ref: Ref, older_than_hours: float = 0.0, incident: str | None
                 ok = stamp <= cutoff
                 out.append(Leftover("restore-database", name, stamp, ok,
                                     "half-finished restore (never swapped in)" if ok else f"younger than {older_than_hours} h"))
+    from dr.retention import dead_holds
+
+    for marker in dead_holds(rt.store):  # a restore killed with -9 never released its hold on the backup
+        out.append(Leftover("hold", marker, datetime.fromtimestamp((rt.store.root / marker).stat().st_mtime, timezone.utc),
+                            True, "hold of a restore process that no longer runs"))
     return out
 
 
@@ -72,5 +77,9 @@ def delete_leftover(ref: Ref, item: Leftover) -> None:
     rt = ref.rt()
     if item.kind == "ptr-server":
         rt.servers.delete_server(item.name)
+    elif item.kind == "hold":
+        from dr.retention import release_dead_hold
+
+        release_dead_hold(rt.store, item.name)
     else:
         db.drop_database(rt.servers.connection(rt.target.server, "postgres"), item.name)

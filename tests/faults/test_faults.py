@@ -544,6 +544,37 @@ class TestSwapKilled:
             env.query(f"DROP DATABASE {db}", database="postgres")
 
 
+class TestHoldOfAKilledRestore:
+    def test_tidy_up_finds_the_hold_of_a_dead_restore_process_and_keeps_a_live_one(self, tmp_path):
+        import json
+
+        from dr.platforms.base import BackupInfo
+        from dr.platforms.local.store import LocalBackupStore
+        from dr.retention import dead_holds, hold, release_dead_hold
+
+        store = LocalBackupStore(tmp_path / "store")
+        writer = store.open_writer("b1.pgdump")
+        writer.write(b"x")
+        writer.commit(BackupInfo(name="b1.pgdump", size=0, complete=False, created_at=utc_now(), kind="adhoc",
+                                 format="custom"))
+        # a restore process that took a hold and was killed with -9 (the hold file is what it leaves)
+        dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        with hold(store, "b1.pgdump", holder="restore-dead"):
+            left = store.root / ".b1.pgdump.hold-restore-dead"
+            record = json.loads(left.read_text())
+            marker = left.read_bytes()
+        (store.root / ".b1.pgdump.hold-restore-dead").write_bytes(marker.replace(
+            f'"pid": {record["pid"]}'.encode(), f'"pid": {dead.pid}'.encode()))
+        dead.kill()
+        dead.wait()
+        with hold(store, "b1.pgdump", holder="restore-live"):  # this process: alive
+            assert dead_holds(store) == [".b1.pgdump.hold-restore-dead"]
+            release_dead_hold(store, ".b1.pgdump.hold-restore-live")  # refused: its holder runs
+            release_dead_hold(store, ".b1.pgdump.hold-restore-dead")
+            assert sorted(p.name for p in store.root.glob(".*hold*")) == [".b1.pgdump.hold-restore-live"]
+        assert dead_holds(store) == [] and store.get_backup("b1.pgdump").complete
+
+
 # --- 8. two restores at once for the same environment ---------------------------------------------
 
 

@@ -117,8 +117,10 @@ class LocalServers(ServerPlatform):
         try:
             pwd.getpwnam(PG_OS_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_OS_USER],
-                           check=True, capture_output=True)
+            made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                                   PG_OS_USER], capture_output=True, text=True)
+            if made.returncode not in (0, 9):  # 9: it exists now (another process made it at the same time)
+                raise PlatformError(f"could not create the OS user '{PG_OS_USER}' for PostgreSQL: {made.stderr.strip()}")
         # every parent of the state dir must be traversable by that user
         for parent in [self.state_dir, *self.state_dir.parents]:
             if parent.exists() and not (parent.stat().st_mode & 0o001):

@@ -4,8 +4,8 @@ A fault test takes a `snapshot` of the world, injects its fault at the boundary 
 or frozen process, a stopped server, damaged bytes, a full disk), takes another snapshot
 and calls `assert_nothing_lost`. The world is:
 
-- the live database, as one md5 per table over every row (`t::text`, in a fixed order)
-  and the value of every sequence;
+- the live database, as one md5 per table over every row (`t::text`, in a fixed order),
+  the value of every sequence and the bytes of every large object;
 - every file in the backup store (hidden ones too) and, per backup, the sha256 of its
   bytes and its sidecar;
 - every server with its tags, and every database of every running server with its comment;
@@ -54,6 +54,8 @@ ORDER BY 1, 2
 _ROWS = "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\"), '')) FROM {}.{} t"
 _SEQUENCES = """SELECT schemaname, sequencename, last_value FROM pg_sequences
                 WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"""
+_LARGE_OBJECTS = """SELECT m.oid::text, length(lo_get(m.oid)), md5(lo_get(m.oid))
+                    FROM pg_largeobject_metadata m ORDER BY m.oid"""
 
 
 # --- the world ---------------------------------------------------------------------------
@@ -74,7 +76,8 @@ class StoredBackup:
 
 @dataclass(frozen=True)
 class World:
-    live: dict[str, str]  # "table schema.name" -> "<rows>:<md5>", "sequence schema.name" -> last value
+    live: dict[str, str]  # "table schema.name" -> "<rows>:<md5>", "sequence schema.name" -> last value,
+    #                       "large object <oid>" -> "<bytes>:<md5>"
     backups: dict[str, StoredBackup]
     store_files: frozenset[str]
     servers: dict[str, dict[str, str]]  # name -> tags
@@ -87,7 +90,7 @@ class World:
 
 
 def db_state(conn_kwargs: dict[str, Any]) -> dict[str, str]:
-    """Every table's row count and row checksum, and every sequence's value, of one database."""
+    """Every table's row count and row checksum, every sequence's value and every large object's bytes."""
     state: dict[str, str] = {}
     with psycopg.connect(**conn_kwargs, autocommit=True) as c:
         c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -96,6 +99,8 @@ def db_state(conn_kwargs: dict[str, Any]) -> dict[str, str]:
             state[f"table {schema}.{table}"] = f"{n}:{digest}"
         for schema, seq, value in c.execute(_SEQUENCES).fetchall():
             state[f"sequence {schema}.{seq}"] = str(value)
+        for oid, size, digest in c.execute(_LARGE_OBJECTS).fetchall():
+            state[f"large object {oid}"] = f"{size}:{digest}"
         c.execute("COMMIT")
     return state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -61,8 +62,15 @@ class LocalEnv:
         return self.platform.servers.connection(server or self.target.server, database or self.target.database)
 
     def up(self) -> None:
+        """`dr local up`: the live server with sample data, WAL archiving and base backups, and the app.
+
+        A development environment starts from a copy of the session's template (`clone_template`) when
+        there is one: the same files `up` would make, without initdb, the sample load and two base
+        backups for every test.
+        """
         from dr.platforms.local import lifecycle
 
+        clone_template(self)
         lifecycle.up(self.config, self.target)
 
     def down(self) -> None:
@@ -105,6 +113,54 @@ def remove_later(path: Path) -> None:
 def wait_for_removals() -> None:
     while _REMOVALS:
         _REMOVALS.pop().wait()
+
+
+#: the servers/ directory of a development environment brought up once per session, then stopped
+_TEMPLATE: dict[Path, Path] = {}
+
+
+def clone_template(env: LocalEnv) -> bool:
+    """Give a new development environment a copy of the session's template server; False when it cannot.
+
+    The template is one environment brought up by `lifecycle.up` (initdb, the sample data, a base
+    backup before and after loading it) and stopped cleanly, made once per base directory. A clone
+    gets its own copy of the data directory, hard links to the template's base backups and archived
+    WAL (both are only ever read, or replaced whole by `mv`), and its archive_command pointed at
+    its own archive; `lifecycle.up` then starts it (on a free port: the template's may be taken by
+    another clone), finds the sample loaded, and starts an app of its own. What differs from a
+    server made from scratch: the password, the creation time and the base backups' times are the
+    template's (so its restore window opens when the template was made).
+    """
+    servers = env.root / "state" / "servers"
+    if env.environment != "development" or servers.exists():
+        return False
+    base = env.root.parent
+    if base not in _TEMPLATE:
+        template = make_env(base, "template")
+        from dr.platforms.local import lifecycle
+
+        lifecycle.up(template.config, template.target)
+        template.down()  # a clean stop: nothing half-written, the last WAL archived
+        _TEMPLATE[base] = template.root / "state" / "servers"
+    source = _TEMPLATE[base]
+    servers.mkdir(parents=True)
+    for sdir in source.iterdir():
+        dest = servers / sdir.name
+        dest.mkdir()
+        shutil.copystat(sdir, dest)
+        shutil.chown(dest, sdir.stat().st_uid, sdir.stat().st_gid)
+        for part in sdir.iterdir():
+            if part.name in ("archive", "basebackups"):
+                subprocess.run(["cp", "-al", str(part), str(dest)], check=True)
+            elif part.is_dir():
+                subprocess.run(["cp", "-a", str(part), str(dest)], check=True)
+            else:
+                shutil.copy2(part, dest / part.name)
+                shutil.chown(dest / part.name, part.stat().st_uid, part.stat().st_gid)
+        conf = dest / "data" / "dr.conf"
+        conf.write_text(conf.read_text().replace(str(sdir), str(dest)))
+        (dest / "data" / "postmaster.opts").unlink(missing_ok=True)
+    return True
 
 
 def make_env(base: Path, name: str, environment: str = "development") -> LocalEnv:

@@ -691,8 +691,8 @@ def free_recovery_slot(name: str = RECOVERY_SLOT) -> None:
 def worker_killed_mid_scenario(base_dir, prefect_server, tmp_path_factory):
     """Run data-loss in a separate process, SIGKILL it once its PTR server exists, then re-run it here."""
     env = make_env(base_dir, "killed-worker")
-    # the re-run gives up on the killed run's slot after a minute (default an hour) and says how to free it
-    with_slot_wait(env.config_path, minutes=1)
+    # the re-run gives up on the killed run's slot after 6 s (default an hour) and says how to free it
+    with_slot_wait(env.config_path, minutes=0.1)
     env.up()
     obs: dict = {"env": env}
     try:

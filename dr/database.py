@@ -228,6 +228,9 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                     if has_live:
                         c.execute(end_and_rename)  # no parameters: one simple-query round trip
                     c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
+                    if has_live:  # in the same transaction: a kept database always says what it is (tidy-up reads it)
+                        c.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(replaced), sql.Literal(
+                            f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}")))
                 break
             except psycopg.errors.ObjectInUse as exc:  # a session came in between the two statements
                 last = exc
@@ -235,10 +238,6 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
         else:
             raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
                                database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
-    if has_live:
-        with connect(admin) as c:
-            c.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                sql.Identifier(replaced), sql.Literal(f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}")))
     return replaced if has_live else None
 
 

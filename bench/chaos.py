@@ -119,7 +119,7 @@ STEP = {
 }
 SLICE = 0.02  # seconds a frozen run is let go at a time on its way to the chosen moment
 #: seconds a frozen run is let go at a time while a short phase is about to start (`Watch.near`)
-NEAR_SLICE = {"swap": 0.001, "backup": 0.003, "ptr-backup": 0.003}
+NEAR_SLICE = {"swap": 0.0003, "backup": 0.003, "ptr-backup": 0.003}
 #: phase lengths (s) assumed without a calibration run (the short CI version): kills land early in each phase
 DEFAULT_ESTIMATES = {p: 0.05 for p in PHASES} | {"manifest-check": 0.01, "swap": 0.003, "ptr-create": 0.5}
 SERVICE = "soak"

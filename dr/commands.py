@@ -126,7 +126,7 @@ def passfile_env(conn: ConnInfo | None) -> Iterator[dict[str, str]]:
     if conn.password is None:
         yield env
         return
-    with tempfile.TemporaryDirectory(prefix="dr-pass-") as d:
+    with tempfile.TemporaryDirectory(prefix=f"dr-pass-{os.getpid()}-") as d:  # the pid: tidy-up removes a killed one's
         path = Path(d) / "pgpass"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 

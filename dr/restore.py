@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -252,7 +253,7 @@ def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress:
             # an uncompressed custom archive: load its rows as they arrive, with every connection
             stream = ArchiveStream(_decompressed(reader, progress, decoder))
             head = stream.read_head()
-            work = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
+            work = Path(tempfile.mkdtemp(prefix=f"dr-spool-{os.getpid()}-", dir=spool_dir))
             try:
                 if (why := head.unsupported()) is None:
                     stream_restore(tools, head, stream, target_conn, env, jobs=jobs, workdir=work,
@@ -265,7 +266,7 @@ def _restore_stream(tools: PgTools, reader: BackupReader, target_conn, progress:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         elif jobs > 1:
-            work = Path(tempfile.mkdtemp(prefix="dr-spool-", dir=spool_dir))
+            work = Path(tempfile.mkdtemp(prefix=f"dr-spool-{os.getpid()}-", dir=spool_dir))
             try:
                 _spool_restore(tools, info, fmt, _decompressed(reader, progress, decoder), target_conn, env,
                                jobs, work, server_major)

@@ -294,7 +294,7 @@ def dead_holds(store: BackupStore) -> list[str]:
             pid = int(rec["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written, or not ours to judge
-        if rec.get("host") == socket.gethostname() and not _running_since(pid, since):
+        if rec.get("host") == socket.gethostname() and not running_since(pid, since):
             out.append(path.name)
     return out
 
@@ -305,7 +305,7 @@ def release_dead_hold(store: BackupStore, marker: str) -> None:
         (store.root / marker).unlink(missing_ok=True)
 
 
-def _running_since(pid: int, since: datetime) -> bool:
+def running_since(pid: int, since: datetime) -> bool:
     """Whether process `pid` runs and started no later than `since` (so it may be the one that took the hold)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -463,6 +463,6 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
 
 __all__ = [
     "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "dead_holds", "held", "hold", "is_nightly",
-    "release_dead_hold",
+    "release_dead_hold", "running_since",
     "register_azure_holds", "select_keep", "supports_holds",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from dr import database as db
 from dr.platforms.base import TAG_INCIDENT, TAG_SOURCE
@@ -14,7 +15,8 @@ from tasks.common import dr_task
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # "ptr-server", "replaced-database", "restore-database", "hold"
+    kind: str  # "ptr-server", "replaced-database", "restore-database", "hold", "staging-file", "spool-directory",
+    #            "passfile-directory"
     name: str
     created_at: datetime
     deletable: bool
@@ -68,6 +70,42 @@ def find_leftovers(ref: Ref, older_than_hours: float = 0.0, incident: str | None
     for marker in dead_holds(rt.store):  # a restore killed with -9 never released its hold on the backup
         out.append(Leftover("hold", marker, datetime.fromtimestamp((rt.store.root / marker).stat().st_mtime, timezone.utc),
                             True, "hold of a restore process that no longer runs"))
+    out += [Leftover(kind, str(path), when, True, why) for kind, path, when, why in _left_by_dead_processes(rt)]
+    return out
+
+
+#: what a process killed with -9 leaves, named with its pid: the store's staging files, a restore's
+#: spool directory, a PostgreSQL tool's passfile directory (it holds the password)
+_OWNED_BY_PID = (
+    ("staging-file", re.compile(r"^\..+\.(\d+)-[0-9a-f]{32}\.(?:partial|tmp)$"),
+     "staging file of a backup whose process no longer runs (never listed as a backup)"),
+    ("spool-directory", re.compile(r"^dr-spool-(\d+)-"), "work directory of a restore whose process no longer runs"),
+    ("passfile-directory", re.compile(r"^dr-pass-(\d+)-"),
+     "passfile of a PostgreSQL tool whose process no longer runs (it holds the password)"),
+)
+
+
+def _left_by_dead_processes(rt) -> list[tuple[str, Path, datetime, str]]:
+    """(kind, path, modified, reason) of each such thing on this machine whose process no longer runs."""
+    import tempfile
+
+    from dr.retention import running_since
+
+    places = {"passfile-directory": [Path(tempfile.gettempdir())]}
+    if rt.target.platform == "local":
+        places["staging-file"] = [rt.store.root] if hasattr(rt.store, "root") else []
+        places["spool-directory"] = [rt.config.local.state_dir.absolute()]
+    out = []
+    for kind, pattern, why in _OWNED_BY_PID:
+        for place in places.get(kind, []):
+            for path in place.glob("dr-*" if kind != "staging-file" else ".*"):
+                m = pattern.match(path.name)
+                try:
+                    when = datetime.fromtimestamp(path.lstat().st_mtime, timezone.utc)
+                except FileNotFoundError:
+                    continue
+                if m and not running_since(int(m.group(1)), when):
+                    out.append((kind, path, when, why))
     return out
 
 
@@ -81,5 +119,11 @@ def delete_leftover(ref: Ref, item: Leftover) -> None:
         from dr.retention import release_dead_hold
 
         release_dead_hold(rt.store, item.name)
+    elif item.kind in ("staging-file", "spool-directory", "passfile-directory"):
+        import shutil
+
+        path = Path(item.name)
+        if any(str(p) == item.name for _, p, _, _ in _left_by_dead_processes(rt)):  # still its process's, still dead
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     else:
         db.drop_database(rt.servers.connection(rt.target.server, "postgres"), item.name)

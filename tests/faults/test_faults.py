@@ -575,6 +575,37 @@ class TestHoldOfAKilledRestore:
         assert dead_holds(store) == [] and store.get_backup("b1.pgdump").complete
 
 
+class TestLeftBehindByKilledProcesses:
+    def test_tidy_up_removes_what_dead_processes_left_and_keeps_what_a_running_one_uses(self, fresh_env, tmp_path,
+                                                                                         monkeypatch):
+        """kill -9 leaves a backup's staging files, a restore's spool directory and a tool's passfile (named
+        with their process's pid): tidy-up removes those of processes that no longer run, and only those."""
+        import tempfile
+
+        from flows.tidy_up import tidy_up
+
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the tools' passfiles go
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        store, state = fresh_env.platform.store.root, fresh_env.config.local.state_dir.absolute()
+        state.mkdir(parents=True, exist_ok=True)
+        gone = [store / f".b.pgdump.zst.{dead.pid}-{'0' * 32}.partial",
+                store / f".b.pgdump.zst.meta.json.{dead.pid}-{'1' * 32}.tmp",
+                state / f"dr-spool-{dead.pid}-a1b2", tmp_path / f"dr-pass-{dead.pid}-c3d4"]
+        kept = [store / f".c.pgdump.zst.{os.getpid()}-{'2' * 32}.partial", tmp_path / f"dr-pass-{os.getpid()}-e5f6",
+                store / "unrelated.txt"]
+        for path in gone + kept:
+            if path.name.startswith("dr-"):
+                path.mkdir()
+                (path / "pgpass").write_text("secret")
+            else:
+                path.write_text("x")
+        result = tidy_up(**fresh_env.kw())
+        assert [p for p in gone if p.exists()] == [] and all(p.exists() for p in kept)
+        assert sorted(f["kind"] for f in result["found"]) == [
+            "passfile-directory", "spool-directory", "staging-file", "staging-file"]
+
+
 # --- 8. two restores at once for the same environment ---------------------------------------------
 
 

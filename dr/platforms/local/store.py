@@ -49,7 +49,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")  # pid: see tasks/tidy.py
     try:
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2)
@@ -63,7 +63,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 class _LocalWriter(BackupWriter):
     def __init__(self, store: "LocalBackupStore", name: str):
         self.store, self.name = store, name
-        self.tmp = store.root / f".{name}.{uuid.uuid4().hex}.partial"
+        self.tmp = store.root / f".{name}.{os.getpid()}-{uuid.uuid4().hex}.partial"
         self.fh = open(self.tmp, "xb")
         self.hash = hashlib.sha256()
         self.bytes_written = 0

@@ -85,6 +85,7 @@ from dr.config import load_config  # noqa: E402
 from dr.platforms import get_platform  # noqa: E402
 from dr.platforms.base import TAG_INCIDENT  # noqa: E402
 from dr.platforms.local.store import META_SUFFIX  # noqa: E402
+from dr.retention import running_since  # noqa: E402
 from flows.ptr import ptr_server_name  # noqa: E402
 from tests.faults.harness import db_state  # noqa: E402
 from tests.processes import env_without_prefect, free_port  # noqa: E402
@@ -489,7 +490,8 @@ SELECT
     OR EXISTS (SELECT 1 FROM pg_stat_activity WHERE query LIKE '%%ALTER DATABASE %%RENAME TO%%'
                AND state IN ('active', 'idle in transaction') AND pid <> pg_backend_pid()),
   EXISTS (SELECT 1 FROM pg_database WHERE datname LIKE %(restore)s
-          AND shobj_description(oid, 'pg_database') LIKE 'dr: restored from %%')
+          AND shobj_description(oid, 'pg_database') LIKE 'dr: restored from %%'),
+  EXISTS (SELECT 1 FROM pg_database WHERE datname LIKE %(restore)s)
 """
 
 
@@ -502,6 +504,7 @@ class Watch:
         db = env.target.database
         self.params = {"restore": f"{db}\\_restore\\_%", "live": db, "replaced": f"{db}\\_replaced\\_%"}
         self.admin = psycopg.connect(**env.conn("postgres"), autocommit=True)
+        self.seen_loading = False
 
     def close(self) -> None:
         self.admin.close()
@@ -537,12 +540,13 @@ class Watch:
         except (OSError, ValueError):
             return "creating"
 
-    def activity(self) -> tuple[bool, bool, bool, bool, bool]:
-        """(rows loading, an index building, the manifest counted, the swap, a restored database ready to swap)."""
+    def activity(self) -> tuple[bool, bool, bool, bool, bool, bool]:
+        """(rows loading, an index building, the manifest counted, the swap, a restored database ready to swap,
+        a database being restored)."""
         try:
             return tuple(self.admin.execute(_ACTIVITY, self.params).fetchone())  # type: ignore[return-value]
         except psycopg.Error:
-            return (False, False, False, False, False)
+            return (False, False, False, False, False, False)
 
     def near(self, phase: str) -> bool:
         """The phase is about to start and may be short: step the run finely from here (see `NEAR_SLICE`)."""
@@ -565,8 +569,12 @@ class Watch:
         if phase in ("row-load", "index-build", "manifest-check", "swap"):
             if step != STEP["restore"]:
                 return False
-            loading, indexing, counting, swapping, _ = self.activity()
-            return {"row-load": loading, "index-build": indexing, "manifest-check": counting, "swap": swapping}[phase]
+            loading, indexing, counting, swapping, marked, restoring = self.activity()
+            self.seen_loading |= loading
+            # rows load table by table: between two tables' COPYs (no index building) it is still the row load
+            between = self.seen_loading and restoring and not (indexing or counting or swapping or marked)
+            return {"row-load": loading or between, "index-build": indexing, "manifest-check": counting,
+                    "swap": swapping}[phase]
         if phase == "maintenance-off":
             return step == STEP["maintenance-off"]
         if phase == "tidy-up":
@@ -660,9 +668,14 @@ class Soak:
                 env.query("INSERT INTO documents (title, body) SELECT 'document ' || g, "
                           "lo_from_bytea(0, decode(repeat(md5(g::text), 2048), 'hex')) FROM generate_series(1, 20) g")
 
+    def tmpdir(self, tmp: Path) -> Path:
+        """Where the runs' tools put their passfiles: the round's own directory, or (the resume and tidy-up
+        running in this process) this process's temporary directory, where tidy-up looks."""
+        return Path(tempfile.gettempdir()) if self.in_process else tmp
+
     def cli_env(self, tmp: Path) -> dict[str, str]:
         return env_without_prefect(PREFECT_API_URL=self.prefect.api, PREFECT_HOME=str(self.workdir / "client-home"),
-                                   TMPDIR=str(tmp), PYTHONUNBUFFERED="1", DR_LOG_LEVEL="WARNING",
+                                   TMPDIR=str(self.tmpdir(tmp)), PYTHONUNBUFFERED="1", DR_LOG_LEVEL="WARNING",
                                    PREFECT_LOGGING_LEVEL="INFO")
 
     def dr(self, args: list[str], log: Path, tmp: Path) -> subprocess.Popen:
@@ -730,7 +743,14 @@ class Soak:
                 out.append(f"incomplete backup {p.name.removesuffix(META_SUFFIX)}")
         state_dir = env.config.local.state_dir
         out += [f"spool directory {p.name}" for p in state_dir.glob("dr-spool-*")]
-        out += [f"passfile directory {p.name} (holds the password)" for p in tmp.glob("dr-pass-*")]
+        for p in self.tmpdir(tmp).glob("dr-pass-*"):  # a running process's own (another test's) is not a leftover
+            m = re.match(r"dr-pass-(\d+)-", p.name)
+            try:
+                when = datetime.fromtimestamp(p.lstat().st_mtime, timezone.utc)
+            except FileNotFoundError:
+                continue
+            if not (m and running_since(int(m.group(1)), when)):
+                out.append(f"passfile directory {p.name} (holds the password)")
         slot = f"dr-{SERVICE}-{env.target.environment}"
         if self.prefect.active_slots(slot):
             out.append(f"recovery slot {slot} taken")

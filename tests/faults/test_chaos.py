@@ -70,9 +70,8 @@ class TestKill9Soak:
 
     def test_tidy_up_leaves_nothing_of_the_incident_behind(self, soak):
         _, s = soak
-        # what tidy-up cannot remove yet (a known gap, README reliability section): the hidden staging
-        # files of a backup killed mid-write, a restore's spool directory, a killed tool's passfile
-        known_gaps = ("staging file ", "spool directory ", "passfile directory ")
-        left = {r.phase: [x for x in r.leftovers if not x.startswith(known_gaps)] for r in s.results}
+        # PTR servers, half-restored and replaced databases, holds, staging files, spool directories,
+        # passfiles, the recovery slot, recorded replica counts
+        left = {r.phase: r.leftovers for r in s.results}
         assert not any(left.values()), left
         assert all(r.slot_freed_by_hand for r in s.results), "a killed run's slot was already free: no fault"

@@ -49,6 +49,7 @@ def soak(base_dir):
         s.close()
 
 
+@pytest.mark.timeout(1800)  # the six rounds run in the module's fixture, timed with the first test (~5 min; more under load)
 class TestKill9Soak:
     def test_each_round_was_killed_inside_its_phase(self, soak):
         chaos, s = soak

@@ -652,6 +652,7 @@ class Soak:
         #: instead of `dr` commands; the run that is killed is always a `dr` command of its own
         self.in_process = in_process
         self.json_path: Path | None = None  # every round's result is written here as it ends
+        self.passfiles_before: set[str] = set()
         self.results: list[RoundResult] = []
         self.failed_dir = workdir / "failed-rounds"
 
@@ -744,6 +745,8 @@ class Soak:
         state_dir = env.config.local.state_dir
         out += [f"spool directory {p.name}" for p in state_dir.glob("dr-spool-*")]
         for p in self.tmpdir(tmp).glob("dr-pass-*"):  # a running process's own (another test's) is not a leftover
+            if p.name in self.passfiles_before:
+                continue
             m = re.match(r"dr-pass-(\d+)-", p.name)
             try:
                 when = datetime.fromtimestamp(p.lstat().st_mtime, timezone.utc)
@@ -855,6 +858,7 @@ class Soak:
         tmp = rdir / "tmp"
         tmp.mkdir(exist_ok=True)
         t, new, old = self.prepare(n)
+        self.passfiles_before = {p.name for p in self.tmpdir(tmp).glob("dr-pass-*")}  # not this round's
         counts = [counts_of(old), counts_of(new)]
         stored = store_files(env.store.root)
         slot = f"dr-{SERVICE}-{env.target.environment}"

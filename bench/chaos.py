@@ -752,6 +752,8 @@ class Soak:
                 when = datetime.fromtimestamp(p.lstat().st_mtime, timezone.utc)
             except FileNotFoundError:
                 continue
+            if m is None and self.in_process:
+                continue  # the shared temporary directory: not named by this code, so another program's
             if not (m and running_since(int(m.group(1)), when)):
                 out.append(f"passfile directory {p.name} (holds the password)")
         slot = f"dr-{SERVICE}-{env.target.environment}"

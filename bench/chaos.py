@@ -81,11 +81,10 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
-from dr.config import load_config  # noqa: E402
-from dr.platforms import get_platform  # noqa: E402
 from dr.platforms.base import TAG_INCIDENT  # noqa: E402
 from dr.platforms.local.store import META_SUFFIX  # noqa: E402
 from dr.retention import running_since  # noqa: E402
+from dr.runtime import Ref  # noqa: E402
 from flows.ptr import ptr_server_name  # noqa: E402
 from tests.faults.harness import db_state  # noqa: E402
 from tests.processes import env_without_prefect, free_port  # noqa: E402
@@ -377,21 +376,9 @@ class Env:
     config_path: Path
 
     def __post_init__(self) -> None:
-        self.config = load_config(self.config_path)
-        self.target = self.config.target(SERVICE, self.name)
-        self.platform = get_platform(self.config, self.target)
-
-    @property
-    def servers(self):
-        return self.platform.servers
-
-    @property
-    def store(self):
-        return self.platform.store
-
-    @property
-    def app(self):
-        return self.platform.app
+        rt = Ref(SERVICE, self.name, str(self.config_path)).rt()
+        self.config, self.target, self.platform = rt.config, rt.target, rt.platform
+        self.servers, self.store, self.app = rt.servers, rt.store, rt.app
 
     def conn(self, database: str | None = None, server: str | None = None) -> dict[str, Any]:
         return self.servers.connection(server or self.target.server, database or self.target.database).psycopg_kwargs()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dr import database as db
 from dr.platforms.base import TAG_INCIDENT, TAG_SOURCE
+from dr.restore import COMMENT_PREFIX as RESTORED
 from dr.runtime import Ref
 from tasks.common import dr_task
 
@@ -61,7 +62,8 @@ def find_leftovers(ref: Ref, older_than_hours: float = 0.0, incident: str | None
                           "no safety backup of it in the store: back it up first "
                           f"(dr backup --database {name} --kind pre-restore-safety)")
                 out.append(Leftover("replaced-database", name, stamp, ok, reason))
-            elif name.startswith(live[:40]) and "_restore_" in name and comment.startswith("dr: restoring "):
+            elif name.startswith(live[:40]) and "_restore_" in name and comment.startswith(
+                    ("dr: restoring ", RESTORED)):  # restored and verified, but killed before its swap: a copy of a backup
                 ok = stamp <= cutoff
                 out.append(Leftover("restore-database", name, stamp, ok,
                                     "half-finished restore (never swapped in)" if ok else f"younger than {older_than_hours} h"))

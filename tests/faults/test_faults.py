@@ -544,6 +544,29 @@ class TestSwapKilled:
             env.query(f"DROP DATABASE {db}", database="postgres")
 
 
+class TestRestoreKilledBeforeItsSwap:
+    def test_tidy_up_drops_a_restored_database_that_was_never_swapped_in(self, world_env):
+        """Killed between the restore's verification (the database marked 'dr: restored from ...') and its swap:
+        the `_restore_` database is a copy of a backup; tidy-up lists it and drops it."""
+        from tasks.tidy import delete_leftover, find_leftovers
+
+        env = world_env
+        name = f"{env.target.database}_restore_20200101000000"
+        env.query(f"CREATE DATABASE {name}", database="postgres")
+        env.query(f"COMMENT ON DATABASE {name} IS 'dr: restored from some_backup.pgdump.zst sha256=abc'",
+                  database="postgres")
+        found = [item for item in find_leftovers(_ref(env)) if item.name == name]
+        assert [(f.kind, f.deletable) for f in found] == [("restore-database", True)]
+        delete_leftover(_ref(env), found[0])
+        assert not env.query("SELECT 1 FROM pg_database WHERE datname = %s", (name,), database="postgres")
+
+
+def _ref(env):
+    from dr.runtime import Ref
+
+    return Ref(env.service, env.environment, env.config_path)
+
+
 class TestHoldOfAKilledRestore:
     def test_tidy_up_finds_the_hold_of_a_dead_restore_process_and_keeps_a_live_one(self, tmp_path):
         import json

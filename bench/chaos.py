@@ -474,8 +474,9 @@ SELECT
   EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname LIKE %(restore)s AND query LIKE 'SELECT count(*) FROM %%'
           AND state IN ('active', 'idle in transaction')),
   EXISTS (SELECT 1 FROM pg_database WHERE (datname = %(live)s OR datname LIKE %(replaced)s) AND NOT datallowconn)
-    OR EXISTS (SELECT 1 FROM pg_stat_activity WHERE query LIKE '%%ALTER DATABASE %%RENAME TO%%'
-               AND state IN ('active', 'idle in transaction') AND pid <> pg_backend_pid()),
+    OR EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid()
+               AND state IN ('active', 'idle in transaction') AND xact_start < query_start
+               AND (query LIKE '%%ALTER DATABASE %%RENAME TO%%' OR query LIKE 'COMMENT ON DATABASE %%')),
   EXISTS (SELECT 1 FROM pg_database WHERE datname LIKE %(restore)s
           AND shobj_description(oid, 'pg_database') LIKE 'dr: restored from %%'),
   EXISTS (SELECT 1 FROM pg_database WHERE datname LIKE %(restore)s)
@@ -491,7 +492,7 @@ class Watch:
         db = env.target.database
         self.params = {"restore": f"{db}\\_restore\\_%", "live": db, "replaced": f"{db}\\_replaced\\_%"}
         self.admin = psycopg.connect(**env.conn("postgres"), autocommit=True)
-        self.seen_loading = False
+        self.seen_loading = self.seen_restoring = False
 
     def close(self) -> None:
         self.admin.close()
@@ -535,10 +536,23 @@ class Watch:
         except psycopg.Error:
             return (False, False, False, False, False, False)
 
+    def past(self, phase: str) -> bool:
+        """The run went past the phase while it was being approached (see `near`)."""
+        steps = self.steps()
+        key = {"swap": "restore", "backup": "backup", "ptr-backup": "ptr-backup"}.get(phase)
+        if key is None or STEP[key] not in steps:
+            return False
+        if steps[-1] != STEP[key]:
+            return True
+        return phase == "swap" and self.seen_restoring and not self.activity()[5]
+
     def near(self, phase: str) -> bool:
         """The phase is about to start and may be short: step the run finely from here (see `NEAR_SLICE`)."""
-        if phase == "swap":
-            return self.last_step() == STEP["restore"] and self.activity()[4]
+        if phase == "swap":  # whenever no rows are loading after the first (the swap follows the marker by milliseconds)
+            loading, _, counting, _, marked, restoring = self.activity()
+            self.seen_loading |= loading
+            self.seen_restoring |= restoring
+            return self.last_step() == STEP["restore"] and (marked or counting or (self.seen_loading and not loading))
         if phase in ("backup", "ptr-backup"):  # the step has begun; its pg_dump is about to start
             return self.last_step() == STEP[phase] and not self.dumping()
         return False
@@ -558,8 +572,9 @@ class Watch:
                 return False
             loading, indexing, counting, swapping, marked, restoring = self.activity()
             self.seen_loading |= loading
-            # rows load table by table: between two tables' COPYs (no index building) it is still the row load
-            between = self.seen_loading and restoring and not (indexing or counting or swapping or marked)
+            # rows load table by table, each table's indexes built as its rows are in: from the first COPY to the
+            # manifest check it is the row load (with index builds inside it, which are also the index build)
+            between = self.seen_loading and restoring and not (counting or swapping or marked)
             return {"row-load": loading or between, "index-build": indexing, "manifest-check": counting,
                     "swap": swapping}[phase]
         if phase == "maintenance-off":
@@ -567,6 +582,13 @@ class Watch:
         if phase == "tidy-up":
             return step == STEP["tidy-up"] and (self.ptr_dir / "server.json").exists()
         raise ValueError(phase)
+
+    def describe(self) -> str:
+        """What was seen, for a round whose kill missed its phase."""
+        names = ("loading", "indexing", "counting", "swapping", "marked", "restoring")
+        seen = [n for n, v in zip(names, self.activity()) if v]
+        return (f"step '{self.last_step()}', live server: {', '.join(seen) or 'nothing'}, pg_dump: {self.dumping()}, "
+                f"PTR server: {self.ptr_state()}, rows seen loading: {self.seen_loading}")
 
     def where(self) -> str:
         """The phase the run is in now, or the last step it started."""
@@ -791,14 +813,17 @@ class Soak:
             if time.monotonic() > deadline:
                 res.note = f"{phase} was not seen within {timeout:.0f} s"
                 break
-            if frozen and not watch.near(phase):  # went past it between two fine steps
+            if watch.past(phase):  # went past it between two looks
                 break
-            if frozen or watch.near(phase):  # a short phase ahead: a few milliseconds at a time
+            if watch.near(phase):  # a short phase ahead: a few milliseconds at a time
                 frozen = True
                 signal_group(pgid, signal.SIGCONT)
                 time.sleep(NEAR_SLICE.get(phase, 0.002))
                 signal_group(pgid, signal.SIGSTOP)
                 continue
+            if frozen:
+                frozen = False
+                signal_group(pgid, signal.SIGCONT)
             time.sleep(0.01)
         target = self.rng.uniform(0, 0.9 * self.estimates.get(phase, 0.05))
         signal_group(pgid, signal.SIGSTOP)
@@ -806,6 +831,7 @@ class Soak:
         while True:
             if not watch.inside(phase):
                 res.hit, res.killed_in = False, watch.where()
+                res.note = f"missed {phase} after {elapsed * 1000:.1f} of {target * 1000:.1f} ms: {watch.describe()}"
                 break
             if elapsed >= target:
                 res.hit, res.killed_in = True, phase
@@ -1126,14 +1152,18 @@ def run_load(soak: "Soak", alerts: int = 200) -> dict[str, Any]:
         with concurrent.futures.ThreadPoolExecutor(50) as pool:
             answers = list(pool.map(post, requests))
         out["alerts_seconds"] = time.monotonic() - t0
-        ended = {}
-        for name, proc in {**runs, "nightly": nightly}.items():
-            try:
-                rc = proc.wait(1800)
-            except subprocess.TimeoutExpired:
-                signal_group(proc.pid, signal.SIGKILL)
-                rc = proc.wait(30)
-            ended[name] = (rc, time.monotonic() - t0)
+        ended: dict[str, tuple[int, float]] = {}
+        procs = {**runs, "nightly": nightly}
+        while len(ended) < len(procs):  # each one's own end time
+            for name, proc in procs.items():
+                if name not in ended and proc.poll() is not None:
+                    ended[name] = (proc.returncode, time.monotonic() - t0)
+            if time.monotonic() - t0 > 1800:
+                for name, proc in procs.items():
+                    if name not in ended:
+                        signal_group(proc.pid, signal.SIGKILL)
+                        ended[name] = (proc.wait(30), time.monotonic() - t0)
+            time.sleep(0.2)
         out["ended"] = {k: {"rc": rc, "seconds": round(secs, 1)} for k, (rc, secs) in ended.items()}
 
         # the recoveries: exactly their own new set, their own backups and PTR servers, at the same time
@@ -1159,7 +1189,6 @@ def run_load(soak: "Soak", alerts: int = 200) -> dict[str, Any]:
             problems += [f"{env.name}: left after tidy-up: {x}" for x in left]
             soak.clear(incident, tmp)
         soak.env = dev
-        out["overlap"] = bool(ended["development"][1] > 0 and ended["test"][1] > 0)
 
         # the nightly: complete, checksummed, and qa's rows
         if ended["nightly"][0] != 0:

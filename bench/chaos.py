@@ -118,8 +118,7 @@ STEP = {
     "tidy-up": "tidy up: delete the PTR server",
 }
 SLICE = 0.02  # seconds a frozen run is let go at a time on its way to the chosen moment
-#: seconds a frozen run is let go at a time while a short phase is about to start (`Watch.near`)
-NEAR_SLICE = {"swap": 0.0003, "backup": 0.003, "ptr-backup": 0.003}
+SETTLE = 0.005  # seconds after freezing a run before its state is read (a statement it sent is still arriving)
 #: phase lengths (s) assumed without a calibration run (the short CI version): kills land early in each phase
 DEFAULT_ESTIMATES = {p: 0.05 for p in PHASES} | {"manifest-check": 0.01, "swap": 0.003, "ptr-create": 0.5}
 SERVICE = "soak"
@@ -354,6 +353,8 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+    if sig == signal.SIGSTOP:  # let what the group sent just before it stopped reach the server, then look
+        time.sleep(SETTLE)
 
 
 def wait_group_gone(pgid: int, timeout: float = 30) -> bool:
@@ -546,16 +547,22 @@ class Watch:
             return True
         return phase == "swap" and self.seen_restoring and not self.activity()[5]
 
-    def near(self, phase: str) -> bool:
-        """The phase is about to start and may be short: step the run finely from here (see `NEAR_SLICE`)."""
-        if phase == "swap":  # whenever no rows are loading after the first (the swap follows the marker by milliseconds)
+    def near(self, phase: str) -> float:
+        """Seconds to let the run go at a time while a short phase is about to start; 0 when it is not.
+
+        The swap follows the restored database's marker by milliseconds (and its transaction lasts a few),
+        so the whole restore is stepped, finely once the manifest is being checked. A backup's pg_dump is
+        stepped towards from the start of its step."""
+        if phase == "swap":
             loading, _, counting, _, marked, restoring = self.activity()
             self.seen_loading |= loading
             self.seen_restoring |= restoring
-            return self.last_step() == STEP["restore"] and (marked or counting or (self.seen_loading and not loading))
+            if self.last_step() != STEP["restore"] or not restoring:
+                return 0.0
+            return 0.0003 if (marked or counting) else 0.002
         if phase in ("backup", "ptr-backup"):  # the step has begun; its pg_dump is about to start
-            return self.last_step() == STEP[phase] and not self.dumping()
-        return False
+            return 0.003 if self.last_step() == STEP[phase] and not self.dumping() else 0.0
+        return 0.0
 
     def inside(self, phase: str) -> bool:
         step = self.last_step()
@@ -815,10 +822,10 @@ class Soak:
                 break
             if watch.past(phase):  # went past it between two looks
                 break
-            if watch.near(phase):  # a short phase ahead: a few milliseconds at a time
+            if step := watch.near(phase):  # a short phase ahead: a few milliseconds at a time
                 frozen = True
                 signal_group(pgid, signal.SIGCONT)
-                time.sleep(NEAR_SLICE.get(phase, 0.002))
+                time.sleep(step)
                 signal_group(pgid, signal.SIGSTOP)
                 continue
             if frozen:
@@ -836,7 +843,7 @@ class Soak:
             if elapsed >= target:
                 res.hit, res.killed_in = True, phase
                 break
-            step = min(SLICE, max(target / 10, 0.001), target - elapsed)
+            step = min(SLICE, max(target / 20, 0.0002), target - elapsed)
             signal_group(pgid, signal.SIGCONT)
             time.sleep(step)
             signal_group(pgid, signal.SIGSTOP)

@@ -120,7 +120,8 @@ STEP = {
 SLICE = 0.02  # seconds a frozen run is let go at a time on its way to the chosen moment
 SETTLE = 0.005  # seconds after freezing a run before its state is read (a statement it sent is still arriving)
 #: phase lengths (s) assumed without a calibration run (the short CI version): kills land early in each phase
-DEFAULT_ESTIMATES = {p: 0.05 for p in PHASES} | {"manifest-check": 0.01, "swap": 0.003, "ptr-create": 0.5}
+DEFAULT_ESTIMATES = {p: 0.05 for p in PHASES} | {"backup": 0.01, "ptr-backup": 0.01, "manifest-check": 0.01,
+                                                  "swap": 0.003, "ptr-create": 0.5}
 SERVICE = "soak"
 #: the environments of the concurrent load (two recoveries and a nightly); the rounds use the first
 LOAD_ENVIRONMENTS = ("development", "test", "qa")

@@ -118,6 +118,8 @@ STEP = {
     "tidy-up": "tidy up: delete the PTR server",
 }
 SLICE = 0.02  # seconds a frozen run is let go at a time on its way to the chosen moment
+#: phases the server works through while the run only waits: killed the moment they are seen
+SERVER_SIDE = ("index-build",)
 SETTLE = 0.005  # seconds after freezing a run before its state is read (a statement it sent is still arriving)
 #: phase lengths (s) assumed without a calibration run (the short CI version): kills land early in each phase
 DEFAULT_ESTIMATES = {p: 0.05 for p in PHASES} | {"backup": 0.01, "ptr-backup": 0.01, "manifest-check": 0.01,
@@ -836,6 +838,16 @@ class Soak:
                 frozen = False
                 signal_group(pgid, signal.SIGCONT)
             time.sleep(0.01)
+        if phase in SERVER_SIDE and res.note == "":
+            # the server builds the index while its client waits: freezing the client would not hold it, so the
+            # kill goes the moment one is seen (which one, and how far in, differs from round to round)
+            signal_group(pgid, signal.SIGKILL)
+            res.hit, res.killed_in = True, phase
+            res.kill_after = time.monotonic() - started
+            proc.wait(30)
+            if not wait_group_gone(pgid):
+                res.note += f"; processes of the killed run still alive: {group_members(pgid)}"
+            return
         target = self.rng.uniform(0, 0.9 * self.estimates.get(phase, 0.05))
         signal_group(pgid, signal.SIGSTOP)
         elapsed = 0.0

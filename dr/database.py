@@ -270,6 +270,12 @@ def held_by(backup: Any, server: str, identity: dict[str, Any], fingerprint: dic
     return None
 
 
+def allow_connections(conn: ConnInfo, database: str) -> None:
+    """Let sessions connect to `database` again (idempotent)."""
+    with connect(conn.with_db("postgres")) as c:
+        c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(database)))
+
+
 def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any], dict[str, Any] | None], str | None]) -> str | None:
     """Drop `database` only if `check(identity, fingerprint)`, read while it has no other session, finds nothing wrong.
 
@@ -279,6 +285,7 @@ def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any],
     """
     admin = conn.with_db("postgres")
     with connect(admin) as c:
+        allow_connections(admin, database)  # a tidy-up killed here before left it refusing them
         probe = psycopg.connect(**conn.with_db(database).psycopg_kwargs(), autocommit=True)
         dropped = False
         try:
@@ -314,15 +321,18 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                    safety_backup: Any = None, server: str | None = None) -> tuple[str | None, str]:
     """Make `new` the live database in one transaction; the old one is kept as `replaced`.
 
-    Connections to the live database are refused and ended first. If anything fails,
-    the live database is left as it was (renamed back by the transaction's rollback,
-    connections allowed again).
+    The live database's sessions are ended and it is renamed in the same round trip: the rename
+    locks the database, so a session connecting meanwhile waits for the transaction and then finds
+    the name taken by the new database (PostgreSQL waits up to 5 s for the ended sessions to exit;
+    one that got in between is met by another attempt). Nothing is set that outlives the
+    transaction: if the restore dies here (kill -9, a lost connection), the server rolls it back
+    and the live database is exactly as it was, accepting connections.
 
     Args:
         safety_backup: the `BackupInfo` of the backup taken of the live database before the
-            restore. With every session ended, the live database is compared with it (identity
-            and write fingerprint); the verdict is recorded in the kept database's comment,
-            where tidy-up reads it.
+            restore. Once swapped out (no session of it left, nobody connecting by its new name),
+            the old database is compared with it (identity and write fingerprint); the verdict
+            is recorded in the kept database's comment, where tidy-up starts from.
         server: the server's name, as the backup recorded it (needed with `safety_backup`).
 
     Returns:
@@ -330,54 +340,43 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
         server), and the verdict on what holds it ("held by backup ..." or why nothing does).
     """
     admin = conn.with_db("postgres")
-    verdict = "no backup of it was taken before the restore"
     with connect(admin) as c:
         has_live = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone() is not None
         if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
         replaced = free_database_name(admin, replaced)  # a restore earlier in the same second may hold the name
-        swapped = False
-        probe = psycopg.connect(**conn.with_db(live).psycopg_kwargs(), autocommit=True) if (
-            has_live and safety_backup is not None) else None
-        if has_live:
-            c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
-        try:
-            if probe is not None:
-                # the live database as it is swapped out, with no session left to write to it
-                _end_other_sessions(c, live, keep=probe.info.backend_pid)
-                why = held_by(safety_backup, server or "", database_identity(probe), write_fingerprint(probe))
-                probe.close()
-                verdict = (f"held by backup {safety_backup.name} sha256={safety_backup.sha256}" if why is None
-                           else f"not held by backup {safety_backup.name}: {why}")
-            last: Exception | None = None
-            for attempt in range(attempts):
-                try:
-                    with c.transaction():
-                        if has_live:
-                            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                      "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
-                            time.sleep(0.2 * (attempt + 1))
-                            c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(replaced)))
-                        c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
-                    swapped = True
-                    break
-                except psycopg.errors.ObjectInUse as exc:  # a session came back between terminate and rename
-                    last = exc
-                    log.warning("swap attempt %s: %s", attempt + 1, exc)
-            else:
-                raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
-                                   database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
-        finally:
-            if probe is not None and not probe.closed:
-                probe.close()
-            # the old database accepts connections again: live again after a failure, kept for reconciliation after
-            # the swap (its name is known from the outcome, not guessed from what exists)
-            if has_live:
-                c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(replaced if swapped else live)))
-    if has_live:
-        set_database_comment(admin, replaced, f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}; {verdict}")
-    return (replaced if has_live else None), verdict
+        end_and_rename = sql.SQL(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = {live} AND pid <> pg_backend_pid(); "
+            "ALTER DATABASE {live_id} RENAME TO {replaced}").format(
+            live=sql.Literal(live), live_id=sql.Identifier(live), replaced=sql.Identifier(replaced))
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                with c.transaction():
+                    if has_live:
+                        c.execute(end_and_rename)  # no parameters: one simple-query round trip
+                    c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
+                break
+            except psycopg.errors.ObjectInUse as exc:  # a session came in between the two statements
+                last = exc
+                log.warning("swap attempt %s: %s", attempt + 1, exc)
+        else:
+            raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
+                               database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
+    if not has_live:
+        return None, "there was no live database"
+    verdict = "no backup of it was taken before the restore"
+    if safety_backup is not None:
+        # every session of the old database ended with the rename (their statistics flushed); one
+        # that connects by its new name since can only add writes, which make the verdict "not held"
+        with connect(conn.with_db(replaced)) as probe:
+            with connect(admin) as c:
+                _end_other_sessions(c, replaced, keep=probe.info.backend_pid)
+            why = held_by(safety_backup, server or "", database_identity(probe), write_fingerprint(probe))
+        verdict = (f"held by backup {safety_backup.name} sha256={safety_backup.sha256}" if why is None
+                   else f"not held by backup {safety_backup.name}: {why}")
+    set_database_comment(admin, replaced, f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}; {verdict}")
+    return replaced, verdict
 
 
 REPLACED_COMMENT = "dr: replaced by a restore at "

@@ -279,6 +279,43 @@ def _held_local(store: LocalBackupStore, name: str) -> bool:
     return live
 
 
+def dead_holds(store: BackupStore) -> list[str]:
+    """The holds of the local store whose restore provably ended: taken on this host by a process that
+    no longer runs (or whose pid now belongs to a process started after the hold). A restore killed
+    with -9 leaves its hold behind; tidy-up removes these at once instead of waiting for
+    `HOLD_STALE_AFTER`. Holds taken elsewhere cannot be proved dead and are never listed."""
+    if not isinstance(store, LocalBackupStore):
+        return []
+    out = []
+    for path in sorted(store.root.glob(".*.hold-*")):
+        try:
+            rec = json.loads(path.read_text())
+            since = datetime.fromisoformat(rec["since"])
+            pid = int(rec["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or not ours to judge
+        if rec.get("host") == socket.gethostname() and not _running_since(pid, since):
+            out.append(path.name)
+    return out
+
+
+def release_dead_hold(store: BackupStore, marker: str) -> None:
+    """Remove a hold that `dead_holds` listed (idempotent)."""
+    if isinstance(store, LocalBackupStore) and marker in dead_holds(store):
+        (store.root / marker).unlink(missing_ok=True)
+
+
+def _running_since(pid: int, since: datetime) -> bool:
+    """Whether process `pid` runs and started no later than `since` (so it may be the one that took the hold)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return False
+    started = boot + int(stat[stat.rindex(")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return started <= since.timestamp() + 1
+
+
 def supports_holds(store: BackupStore) -> bool:
     """Whether holds (and so retention) are implemented for this kind of store."""
     return hold.dispatch(type(store)) is not hold.dispatch(BackupStore)
@@ -425,6 +462,7 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
 
 
 __all__ = [
-    "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "held", "hold", "is_nightly",
+    "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "dead_holds", "held", "hold", "is_nightly",
+    "release_dead_hold",
     "register_azure_holds", "select_keep", "supports_holds",
 ]

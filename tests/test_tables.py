@@ -321,30 +321,33 @@ class TestReplacementEngine:
         th.start()
         admin = engine.env.conn("postgres")
 
-        def backend(db: str, like: str) -> int | None:
-            r = run_sql(admin, "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = %s "
-                               "AND query LIKE %s AND state = 'active'", (app, db, like))
+        def backend() -> int | None:
+            r = run_sql(admin, "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = 't_then'",
+                        (app,))
             return r[0][0] if r else None
 
         deadline = time.monotonic() + 60
         source = None
         while source is None and time.monotonic() < deadline:
-            source = backend("t_then", "COPY (SELECT%")
-        assert source, "the copy from the PTR side never started"
-        freeze(source)
+            source = backend()
+        assert source, "the recovery never opened its session on the PTR side"
+        freeze(source)  # from now on it runs 64 KB of output at a time
+        big_oid = run_sql(now, "SELECT 'big'::regclass::oid")[0][0]
         target: list[int] = []
 
-        def rows_arrived() -> bool:
+        def rows_arrived_in_the_live_table() -> bool:
             r = run_sql(admin, "SELECT p.pid, p.tuples_processed FROM pg_stat_progress_copy p JOIN pg_stat_activity a "
-                               "USING (pid) WHERE a.application_name = %s AND a.datname = 't_now'", (app,))
+                               "USING (pid) WHERE a.application_name = %s AND a.datname = 't_now' AND p.relid = %s",
+                        (app, big_oid))
             if r and r[0][1] > 0:
                 target.append(r[0][0])
                 return True
             return False
 
         try:
-            assert step_until(source, rows_arrived, progress="wchar", step=64 * 1024), "the copy ended first"
-            run_sql(admin, "SELECT pg_terminate_backend(%s)", (target[0],))  # mid-copy, rows already in
+            assert step_until(source, rows_arrived_in_the_live_table, progress="wchar", step=64 * 1024), \
+                "the copy ended first"
+            run_sql(admin, "SELECT pg_terminate_backend(%s)", (target[0],))  # mid-copy into the live table
         finally:
             thaw(source)
         th.join(60)

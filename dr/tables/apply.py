@@ -49,6 +49,10 @@ from dr.errors import RestoreError
 from dr.tables.catalog import Catalog, TableInfo, Trigger, read_catalog
 from dr.tables.compare import (
     H,
+    REVERTED,
+    Stage,
+    _stage_table,
+    copy_between,
     TableRecoveryRefused,
     Work,
     _sequence_value,
@@ -78,6 +82,7 @@ class ApplyResult:
     rounds: int = 0
     seconds: float = 0.0
     verified: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
     def summary(self) -> str:
         parts = []
@@ -87,55 +92,111 @@ class ApplyResult:
         return "; ".join(parts)
 
 
-def _statements(w: Work) -> list[tuple[str, str, sql.Composable | list[sql.Composable]]]:
-    """(table, what, statement): deletes children first, then updates, then inserts parents first."""
-    out: list[tuple[str, str, sql.Composable | list[sql.Composable]]] = []
+Step = tuple[str, str, Callable[[], int]]
+
+
+def _fetch_reverted(w: Work) -> dict[str, Stage]:
+    """The rows at T of every reverted row, fetched whole from the PTR server by key (only those travel)."""
+    out: dict[str, Stage] = {}
+    for t in w.closure.replaced:
+        info = w.info(t)
+        if not info.primary_key or not w.changes[t].counts[REVERTED]:
+            continue
+        q = _ship_keys(w, t, sql.SQL("SELECT {pk} FROM {d} WHERE _dr_kind = 'reverted'").format(
+            pk=idents(info.primary_key), d=w.diffs[t]))
+        where = sql.SQL("{} IN (SELECT {} FROM {})").format(row_of(info.primary_key, "x"), idents(info.primary_key), q)
+        out[t] = _stage_table(w, t, tuple(c.name for c in info.columns), where)
+    return out
+
+
+def _ship_keys(w: Work, table: str, keys: sql.Composable, into: sql.Identifier | None = None) -> sql.Identifier:
+    """Copy the keys a query on the live session returns into a temporary table of the PTR session."""
+    info = w.info(table)
+    if into is None:
+        into = w.temp("q")
+        w.ptr.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            into, idents(info.primary_key), info.ident))
+    else:
+        w.ptr.execute(sql.SQL("TRUNCATE {}").format(into))
+    copy_between(w.live, keys, w.ptr, into, info.primary_key)
+    w.ptr.execute(sql.SQL("ANALYZE {}").format(into))
+    return into
+
+
+def _steps(w: Work, reverted: dict[str, Stage]) -> list[Step]:
+    """(table, what, run): deletes children first, then updates, then inserts parents first."""
+    out: list[Step] = []
     replaced = w.closure.replaced
+
+    def execute(*statements: sql.Composable) -> Callable[[], int]:
+        def run() -> int:
+            n = 0
+            for stmt in statements:
+                n = w.live.execute(stmt).rowcount
+            return max(n, 0)
+        return run
+
     for t in reversed(replaced):
         info, stage = w.info(t), w.stages[t]
-        if not info.primary_key:
-            continue
-        out.append((t, "deleted", sql.SQL(
-            "DELETE FROM {t} x WHERE NOT EXISTS (SELECT 1 FROM {s} s WHERE {sk} = {xk})").format(
-            t=rel(info), s=stage.name, sk=row_of(info.primary_key, "s"), xk=row_of(info.primary_key, "x"))))
-    for t in replaced:
-        info, stage = w.info(t), w.stages[t]
+        if info.primary_key:
+            out.append((t, "deleted", execute(sql.SQL(
+                "DELETE FROM {t} x WHERE NOT EXISTS (SELECT 1 FROM {s} s WHERE {sk} = {xk})").format(
+                t=rel(info), s=stage.name, sk=row_of(info.primary_key, "s"), xk=row_of(info.primary_key, "x")))))
+    for t, rows in reverted.items():
+        info = w.info(t)
         setcols = [c for c in info.writable if c not in info.primary_key and c not in info.identity_always]
-        if not info.primary_key or not setcols:
-            continue
-        out.append((t, "updated", sql.SQL(
-            "UPDATE {t} x SET {sets} FROM {s} s WHERE {xk} = {sk} AND md5(x::text)::uuid IS DISTINCT FROM s.{h}").format(
-            t=rel(info), s=stage.name, h=sql.Identifier(H), xk=row_of(info.primary_key, "x"),
-            sk=row_of(info.primary_key, "s"),
-            sets=sql.SQL(", ").join(sql.SQL("{} = s.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in setcols))))
+        if setcols:
+            out.append((t, "updated", execute(sql.SQL(
+                "UPDATE {t} x SET {sets} FROM {s} s WHERE {xk} = {sk} AND md5(x::text)::uuid IS DISTINCT FROM s.{h}").format(
+                t=rel(info), s=rows.name, h=sql.Identifier(H), xk=row_of(info.primary_key, "x"),
+                sk=row_of(info.primary_key, "s"),
+                sets=sql.SQL(", ").join(sql.SQL("{} = s.{}").format(sql.Identifier(c), sql.Identifier(c))
+                                        for c in setcols)))))
     for t in w.closure.order:
         info = w.info(t)
         cols = idents(info.writable)
         if t in replaced and not info.primary_key:
             # no key to match rows by: the whole table out and the rows at T in, as one step
-            out.append((t, "replaced", [
+            out.append((t, "replaced", execute(
                 sql.SQL("DELETE FROM {}").format(rel(info)),
                 sql.SQL("INSERT INTO {i} ({c}) OVERRIDING SYSTEM VALUE SELECT {c} FROM {s}").format(
-                    i=info.ident, c=cols, s=w.stages[t].name)]))
+                    i=info.ident, c=cols, s=w.stages[t].name))))
         elif t in replaced:
-            out.append((t, "inserted", sql.SQL(
-                "INSERT INTO {i} ({c}) OVERRIDING SYSTEM VALUE SELECT {sc} FROM {s} s "
-                "WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE {xk} = {sk})").format(
-                i=info.ident, c=cols, sc=idents(info.writable, "s"), s=w.stages[t].name, t=rel(info),
-                xk=row_of(info.primary_key, "x"), sk=row_of(info.primary_key, "s"))))
+            out.append((t, "inserted", _copy_missing(w, t)))
         elif t in w.needed and w.needed[t].rows:
             match = (sql.SQL("{} = {}").format(row_of(info.primary_key, "x"), row_of(info.primary_key, "s"))
                      if info.primary_key else sql.SQL("md5(x::text)::uuid = s.{}").format(sql.Identifier(H)))
-            out.append((t, "inserted", sql.SQL(
+            out.append((t, "inserted", execute(sql.SQL(
                 "INSERT INTO {i} ({c}) OVERRIDING SYSTEM VALUE SELECT {sc} FROM {s} s "
                 "WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE {m})").format(
-                i=info.ident, c=cols, sc=idents(info.writable, "s"), s=w.needed[t].name, t=rel(info), m=match)))
+                i=info.ident, c=cols, sc=idents(info.writable, "s"), s=w.needed[t].name, t=rel(info), m=match))))
     return out
 
 
-def _run_statements(w: Work, result: ApplyResult) -> None:
+def _copy_missing(w: Work, t: str) -> Callable[[], int]:
+    """The step that brings back the rows at T whose keys the live table lacks: their keys go to the PTR
+    server, and the rows stream from it straight into the live table (COPY to COPY, no temporary copy)."""
+    info, stage = w.info(t), w.stages[t]
+    box: dict[str, sql.Identifier] = {}
+
+    def run() -> int:
+        missing = sql.SQL("SELECT {spk} FROM {s} s WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE {xk} = {sk})").format(
+            spk=idents(info.primary_key, "s"), s=stage.name, t=rel(info), xk=row_of(info.primary_key, "x"),
+            sk=row_of(info.primary_key, "s"))
+        box["q"] = _ship_keys(w, t, missing, box.get("q"))
+        n = w.ptr.execute(sql.SQL("SELECT count(*) FROM {}").format(box["q"])).fetchone()[0]
+        if n:
+            query = sql.SQL("SELECT {c} FROM {t} x WHERE {xk} IN (SELECT {pk} FROM {q})").format(
+                c=idents(info.writable, "x"), t=rel(info), xk=row_of(info.primary_key, "x"),
+                pk=idents(info.primary_key), q=box["q"])
+            copy_between(w.ptr, query, w.live, info.ident, info.writable)
+        return n
+    return run
+
+
+def _run_statements(w: Work, result: ApplyResult, reverted: dict[str, Stage]) -> None:
     """Run every step, retrying those a constraint stops until the others have run (see the module doc)."""
-    pending = _statements(w)
+    pending = _steps(w, reverted)
     for t in w.closure.order:
         result.applied.setdefault(t, {})
     last_error: dict[int, psycopg.Error] = {}
@@ -144,17 +205,15 @@ def _run_statements(w: Work, result: ApplyResult) -> None:
         rounds += 1
         failed = []
         for step in pending:
-            table, what, stmt = step
+            table, what, run = step
             try:
                 with w.live.transaction():  # a savepoint: a refused step leaves nothing behind
-                    n = 0
-                    for part in (stmt if isinstance(stmt, list) else [stmt]):
-                        n = w.live.execute(part).rowcount
+                    n = run()
             except psycopg.errors.IntegrityError as exc:
                 failed.append(step)
                 last_error[id(step)] = exc
                 continue
-            result.applied[table][what] = result.applied[table].get(what, 0) + max(n, 0)
+            result.applied[table][what] = result.applied[table].get(what, 0) + n
         if len(failed) == len(pending) or rounds >= MAX_ROUNDS:
             table, what, _ = failed[0]
             exc = last_error[id(failed[0])]
@@ -289,18 +348,25 @@ def apply_tables(live: ConnInfo, ptr: ConnInfo, tables: list[str] | str, *, appr
     untouched = "the live database is exactly as it was (the transaction was rolled back)"
     with ExitStack() as stack:
         try:
-            w = open_work(stack, live, ptr, tables, full_rows=True, application_name=application_name)
+            w = open_work(stack, live, ptr, tables, full_rows=False, application_name=application_name)
             raise_blockers(w.blockers, world_state=untouched)
             txid = int(w.live.execute("SELECT txid_current()").fetchone()[0])
             record(txid, w.cat.database_oid)
             result = ApplyResult(txid=txid)
+            clock = [time.monotonic()]
+
+            def lap(name: str) -> None:
+                now_ = time.monotonic()
+                result.timings[name] = round(now_ - clock[0], 3)
+                clock[0] = now_
+
             # 2. no writer may change the replaced tables under us (readers go on)
             w.live.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
             w.live.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
                 sql.SQL(", ").join(w.info(t).ident for t in w.closure.replaced)))
             w.live.execute("SET LOCAL lock_timeout = 0")
             # 3. rows at T, compared again: exactly what was approved, or nothing
-            stage_and_compare(w)
+            stage_and_compare(w, lap)
             raise_blockers(w.blockers, world_state=untouched)
             now = {t: ch.digest for t, ch in w.changes.items()}
             if now != approved:
@@ -314,12 +380,16 @@ def apply_tables(live: ConnInfo, ptr: ConnInfo, tables: list[str] | str, *, appr
             result.triggers = [f"{tr.relation}.{tr.name}" for tr in triggers if tr.fires]
             set_triggers(w.live, w.cat, triggers, enable=False)
             # 5. rows
-            _run_statements(w, result)
+            reverted = _fetch_reverted(w)
+            lap("fetch reverted rows")
+            _run_statements(w, result, reverted)
+            lap("statements")
             # 6. triggers back, deferred constraints checked
             set_triggers(w.live, w.cat, triggers, enable=True)
             w.live.execute("SET CONSTRAINTS ALL IMMEDIATE")
             # 7. verify
             problems = _verify(w)
+            lap("verify")
             outside = _written_outside(w)
             if outside:
                 problems.append("tables outside the closure were written: " + ", ".join(outside))

@@ -524,7 +524,7 @@ def open_work(stack: ExitStack, live: ConnInfo, ptr: ConnInfo, tables: list[str]
     return w
 
 
-def stage_and_compare(w: Work) -> None:
+def stage_and_compare(w: Work, lap: Callable[[str], None] = lambda name: None) -> None:
     """Stage every replaced table's rows at T, diff them, collect the needed rows and check narrowings."""
     if w.blockers:
         return
@@ -532,11 +532,17 @@ def stage_and_compare(w: Work) -> None:
         m = w.closure.members[t]
         w.changes[t] = TableChanges(t, m.role, w.info(t).primary_key)
     for t in w.closure.replaced:
-        cols = tuple(c.name for c in w.info(t).columns) if w.full_rows else _key_columns(w, t)
+        info = w.info(t)
+        # rows are matched by key and hash; a table without a key is replaced whole, so its rows travel whole
+        cols = tuple(c.name for c in info.columns) if (w.full_rows or not info.primary_key) else _key_columns(w, t)
         w.stages[t] = _stage_table(w, t, cols)
+        lap(f"stage {t}")
         _diff(w, t)
+        lap(f"diff {t}")
     _collect_needed(w)
+    lap("needed rows")
     _check_exclusions(w)
+    lap("narrowing checks")
 
 
 def compare(live: ConnInfo, ptr: ConnInfo, tables: list[str] | str, *, restore_time: str = "",

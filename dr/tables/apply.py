@@ -5,17 +5,18 @@ Inside that transaction, in this order:
 1. its id (`txid_current()`) is recorded durably in the store (`record`), so that a re-run can
    ask the live server whether it committed (`txid_status`) and never apply twice;
 2. the replaced tables are locked against writers (SHARE ROW EXCLUSIVE; readers go on);
-3. their rows at T are streamed from the PTR server into temporary tables (COPY to COPY, no
-   file), compared with the live rows by primary key, and the result must be exactly what was
-   approved (same keys, same live row hashes) or nothing is done;
+3. the key columns and a hash of each of their rows at T are streamed from the PTR server into
+   temporary tables (COPY to COPY, no file), compared with the live rows by primary key, and the
+   result must be exactly what was approved (same keys, same live row hashes) or nothing is done;
 4. user triggers of the closure tables are disabled (ALTER TABLE ... DISABLE TRIGGER, which
    needs ownership: refused beforehand, naming the owner, otherwise), so that restored rows are
    the rows as at T and no trigger writes elsewhere; foreign keys stay enforced;
-5. the rows are made equal to T: removed rows deleted (children first), reverted rows updated,
-   rows that come back inserted (parents first), the rows needed from parent tables inserted.
-   Each step runs in a savepoint; a step that a key or unique constraint stops for now (because
-   another step must go first) is tried again after the others, until all are done or none
-   progresses (then the constraint is named and everything is rolled back);
+5. the rows are made equal to T: removed rows deleted (children first), reverted rows updated
+   (their rows at T fetched whole by key), rows that come back streamed from the PTR server
+   straight into the live table by key (COPY to COPY; only changed rows travel), the rows needed
+   from parent tables inserted. Each step runs in a savepoint; a step that a key or unique
+   constraint stops for now (because another step must go first) is tried again after the others,
+   until all are done or none progresses (then the constraint is named and everything is rolled back);
 6. triggers are put back exactly as they were; deferred constraints are checked
    (`SET CONSTRAINTS ALL IMMEDIATE`);
 7. the result is verified: every replaced table equals its rows at T (row hashes by key), every
@@ -26,10 +27,14 @@ Inside that transaction, in this order:
    back, so it is the last statement before COMMIT; it happens only when the PTR server is ahead,
    which needs a sequence reset after T.
 
-Columns: generated (STORED) columns are never written, the server computes them again from the
-restored values; identity columns are written with `OVERRIDING SYSTEM VALUE` (their values are
-the rows' as at T) and are never updated; partitioned tables are read, updated and deleted
-through their root, so a row whose partition key changed after T moves back to its partition.
+Columns and tables: generated (STORED) columns are never written, the server computes them again
+from the restored values (so they equal T's while the expression is unchanged); identity columns,
+GENERATED ALWAYS included, get their values as at T (COPY, or `OVERRIDING SYSTEM VALUE`) and are
+never updated; a partitioned table is read, updated and written through its root, and because its
+primary key includes the partition key, a row whose partition key changed after T is a different
+key: its post-T version is removed and its version at T comes back into its own partition.
+Triggers: user triggers (and constraint triggers) of the closure tables do not fire on restored
+rows (step 4); the foreign keys' own triggers do, so every key is checked.
 """
 
 from __future__ import annotations

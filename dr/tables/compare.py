@@ -187,7 +187,7 @@ class ChangeReport:
             if t.whole_table:
                 lines.append(f"| {t.table} | {t.role} | {t.live_rows} | {t.t_rows} | whole table | | | {t.note} |")
                 continue
-            sample = "; ".join(f"{k}: {', '.join(v)}" for k, v in t.samples.items() if v)
+            sample = "; ".join(f"{k}: {', '.join(t.samples[k])}" for k in (BACK, REVERTED, REMOVED) if t.samples.get(k))
             lines.append(f"| {t.table} | {t.role} | {t.live_rows} | {t.t_rows} | {t.counts[BACK]} | "
                          f"{t.counts[REVERTED]} | {t.counts[REMOVED]} | {sample} |")
         lines += ["", "Come back: deleted after T. Reverted: updated after T (the update is undone). Removed: inserted "

@@ -221,9 +221,10 @@ CREATE TRIGGER items_stamp BEFORE INSERT OR UPDATE ON items FOR EACH ROW EXECUTE
 ALTER TABLE items DISABLE TRIGGER items_stamp;
 INSERT INTO items (k, qty, price, note) SELECT g % 100, g % 7, (g % 13) + 0.5, 'item ' || g FROM generate_series(1, 200) g;
 ALTER TABLE items ENABLE TRIGGER items_stamp;
-CREATE TABLE notes (body text, at date);
-INSERT INTO notes SELECT 'note ' || g, date '2026-01-01' + g FROM generate_series(1, 30) g;
-CREATE TABLE big (id int PRIMARY KEY, body text NOT NULL);
+CREATE TABLE notes (body text, at date, meta json);
+INSERT INTO notes SELECT 'note ' || g, date '2026-01-01' + g, '{"n": 1}' FROM generate_series(1, 30) g;
+-- json has no hash function: these two tables are compared by the md5 of each row's text
+CREATE TABLE big (id int PRIMARY KEY, body text NOT NULL, meta json NOT NULL DEFAULT '{}');
 INSERT INTO big SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 20000) g;
 """
 

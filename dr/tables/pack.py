@@ -31,14 +31,14 @@ from psycopg import sql
 
 from dr.errors import BackupError, BackupNotFound
 from dr.platforms.base import BackupInfo, BackupStore
-from dr.tables.compare import BACK, REMOVED, REVERTED, SESSION_SETTINGS, ChangeReport, Work, idents, rel
+from dr.tables.compare import BACK, REMOVED, REVERTED, SESSION_SETTINGS, TEXT, ChangeReport, Work, idents, rel, row_hash
 
 PACK_KIND = "reconcile-pack"
 RECORD_KIND = "table-recovery"
 FORMAT_VERSION = 1
 INSERTED, UPDATED = "inserted", "updated"
-#: the md5 column of `updated_at_t_md5.csv`
-T_MD5 = "_dr_row_md5_at_t"
+#: the md5 column of `updated_at_t_hash.csv`
+T_MD5 = "_dr_row_hash_at_t"
 
 README = """Reconciliation pack of incident {incident} ({service} {environment}, database {database})
 
@@ -48,7 +48,7 @@ The writes made after that time which it discarded are here, per table:
   tables/<schema>.<table>/inserted_after_t.csv   rows inserted after T (the recovery removed them)
   tables/<schema>.<table>/updated_after_t.csv    rows updated after T, as they were after the update
                                                  (the recovery reverted them to their value at T)
-  tables/<schema>.<table>/updated_at_t_md5.csv   the key and md5 of each of those rows as at T
+  tables/<schema>.<table>/updated_at_t_hash.csv   the key and a 64-bit hash of each of those rows as at T
   tables/<schema>.<table>/deleted_after_t_keys.csv  keys of rows deleted after T (the recovery brought
                                                  them back; listed for reference, never re-deleted)
   tables/<schema>.<table>/all_rows_before_recovery.csv  a table without a primary key: every row it
@@ -104,6 +104,7 @@ def _table_entry(w: Work, table: str) -> dict[str, Any]:
                       "name_of_relation": w.info(tr.relation).table, "name": tr.name, "enabled": tr.enabled}
                      for tr in info.firing_triggers],
         "files": {}, "counts": {INSERTED: 0, UPDATED: 0, "deleted": 0}, "whole_table": not info.primary_key,
+        "row_hash": w.hashes.get(table, "md5"),
     }
 
 
@@ -139,8 +140,8 @@ def write_pack(store: BackupStore, name: str, w: Work, report: ChangeReport, *, 
                         entry["files"][key] = base + fname
                         _export(zf, base + fname, w, rows_of(kind))
                 if ch.counts[REVERTED]:
-                    entry["files"]["updated_t_md5"] = base + "updated_at_t_md5.csv"
-                    _export(zf, base + "updated_at_t_md5.csv", w, sql.SQL(
+                    entry["files"]["updated_t_md5"] = base + "updated_at_t_hash.csv"
+                    _export(zf, base + "updated_at_t_hash.csv", w, sql.SQL(
                         "SELECT {pk}, _dr_t_h AS {m} FROM {d} WHERE _dr_kind = 'reverted' ORDER BY {pk}").format(
                         pk=idents(pk), m=sql.Identifier(T_MD5), d=d))
                 entry["counts"]["deleted"] = ch.counts[BACK]
@@ -254,7 +255,7 @@ def create_temps(entry: dict[str, Any], i: int) -> list[tuple[str, sql.Composabl
         if key in entry["files"]:
             out.append((key, sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(names[key], t)))
     if "updated_t_md5" in entry["files"]:
-        out.append(("updated_t_md5", sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {}, NULL::uuid AS {} "
+        out.append(("updated_t_md5", sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {}, NULL::bigint AS {} "
                                              "FROM {} WITH NO DATA").format(
             names["updated_t_md5"], idents(entry["primary_key"]), sql.Identifier(T_MD5), t)))
     return out
@@ -281,7 +282,7 @@ def statements(entry: dict[str, Any], i: int) -> dict[str, sql.Composable]:
     if UPDATED in entry["files"] and setcols:
         out[UPDATED] = sql.SQL(
             "UPDATE {t} x SET {sets} FROM {s} s JOIN {m} m USING ({pk}) "
-            "WHERE {xk} = {sk} AND md5(x::text)::uuid = m.{md5} AND {refs}").format(
+            "WHERE {xk} = {sk} AND {hash} = m.{md5} AND {refs}").format(hash=row_hash(entry.get("row_hash", TEXT)),
             t=t, s=names[UPDATED], m=names["updated_t_md5"], pk=idents(pk), xk=_row(pk, "x"), sk=_row(pk, "s"),
             md5=sql.Identifier(T_MD5), refs=_references_exist(entry, "s"),
             sets=sql.SQL(", ").join(sql.SQL("{} = s.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in setcols))

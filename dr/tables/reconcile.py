@@ -32,7 +32,7 @@ from dr.database import connect
 from dr.errors import RestoreError
 from dr.tables.apply import LOCK_TIMEOUT, set_triggers
 from dr.tables.catalog import read_catalog
-from dr.tables.compare import SAMPLES, SESSION_SETTINGS, TableRecoveryRefused
+from dr.tables.compare import SAMPLES, SESSION_SETTINGS, TEXT, TableRecoveryRefused, row_hash
 from dr.tables.pack import INSERTED, T_MD5, UPDATED, Pack, _qualified, _references_exist, _row, create_temps, \
     statements, temp_names
 
@@ -229,10 +229,11 @@ def _reconcile_one(c: psycopg.Connection, pack: Pack, e: dict[str, Any], i: int,
     if UPDATED in e["files"] and UPDATED in stmts:
         counts, samples = _classify(c, sql.SQL(
             "SELECT CASE WHEN x.{k0} IS NULL THEN 'gone' WHEN md5(x::text) = md5(s::text) THEN 'already there' "
-            "WHEN md5(x::text)::uuid IS DISTINCT FROM m.{md5} THEN 'changed since' "
+            "WHEN {hash} IS DISTINCT FROM m.{md5} THEN 'changed since' "
             "WHEN {refs} THEN 'applies' ELSE 'missing parent' END AS cls, {kt} AS k, {sk} AS o "
             "FROM {s} s JOIN {m} m USING ({pk}) LEFT JOIN {t} x ON {xk} = {sk}").format(
             k0=sql.Identifier(pk[0]), refs=refs, kt=_key_text(pk, "s"), s=names[UPDATED], m=names["updated_t_md5"],
+            hash=row_hash(e.get("row_hash", TEXT)),
             md5=sql.Identifier(T_MD5), pk=sql.SQL(", ").join(sql.Identifier(k) for k in pk), t=t,
             xk=_row(pk, "x"), sk=_row(pk, "s")))
         done = c.execute(stmts[UPDATED]).rowcount

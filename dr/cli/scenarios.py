@@ -29,7 +29,8 @@ def data_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvO
                   incident: Optional[str] = typer.Option(None, help="Incident id; the same id resumes."),
                   plan: bool = typer.Option(False, "--plan", help="Check everything and print the plan; change nothing."),
                   auto_approve: bool = typer.Option(False, help="Approve every gate (non-production only)."),
-                  keep_ptr_server: bool = typer.Option(False), config: Optional[str] = ConfigOpt) -> None:
+                  keep_ptr_server: bool = typer.Option(False), config: Optional[str] = ConfigOpt,
+                  tables: Optional[str] = typer.Option(None, "--tables", help="Recover only these tables (a,b) and their foreign-key closure; -name leaves one out.")) -> None:
     """Scenario 2: recover lost or corrupted data with a point-in-time restore."""
 
     def body() -> None:
@@ -37,7 +38,8 @@ def data_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvO
 
         _, s, e, path = _ctx(config, service, env)
         _print_scenario(data_loss(s, e, restore_time=time, timezone_name=tz, incident=incident, plan_only=plan,
-                                  auto_approve=auto_approve, keep_ptr_server=keep_ptr_server, config_path=path))
+                                  auto_approve=auto_approve, keep_ptr_server=keep_ptr_server, config_path=path,
+                                  tables=tables.split(",") if tables else None))
 
     _run(body)
 

@@ -13,13 +13,19 @@ from dr.config import load_config
 
 
 def _api_url_or_fail() -> str:
+    """PREFECT_API_URL, else the local Prefect server when it runs (`dr local up`); never a temporary server."""
+    from dr import prefect_server
     from dr.errors import ConfigError
 
     api = os.environ.get("PREFECT_API_URL")
-    if not api:
-        raise ConfigError("PREFECT_API_URL is not set: start a server with `dr server start` and export the "
-                          "PREFECT_API_URL it prints")
-    return api
+    if api:
+        return api
+    srv = prefect_server.running()
+    if srv:
+        os.environ["PREFECT_API_URL"] = srv.api
+        return srv.api
+    raise ConfigError("PREFECT_API_URL is not set and the local Prefect server is not running: start it with "
+                      "`dr local up` (or run one with `dr server start` and export the PREFECT_API_URL it prints)")
 
 
 @server_app.command("start")
@@ -34,9 +40,15 @@ def server_start_cmd(host: str = typer.Option("127.0.0.1", help="Address to list
 
     def body() -> None:
         from deployments import stack
+        from dr import prefect_server
+        from dr.errors import ConfigError
 
-        p = port or stack.pick_port()
         home = stack.prefect_home()
+        running = prefect_server.running(home)
+        if running:  # two servers on one SQLite database would corrupt each other's view
+            raise ConfigError(f"the local Prefect server already runs on this state ({running.url}, {home}); "
+                              "stop it with `dr local down` first, or use it")
+        p = port or stack.pick_port()
         output.say(f"Prefect server on http://{host}:{p} (state in {home}); for the other commands:\n"
                    f"  export PREFECT_API_URL=http://{'127.0.0.1' if host == '0.0.0.0' else host}:{p}/api")
         cmd = stack.server_command(host, p, ui=ui)

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 from dr.errors import DrError
 
 RECORD = "server.json"
+PORT = "server.port"   # the last port, kept after a stop: the UI's address stays the same
 LOCK = "server.lock"
 LOG = "server.log"
 #: the first start migrates the SQLite database: a minute or more on a busy 2-core machine
@@ -151,9 +152,12 @@ def _port_for(home: Path) -> int:
     """The port recorded last time when it is free (the UI's address stays the same), else a free one."""
     from deployments.stack import free_port, port_free
 
-    rec = read_record(home)
-    if rec and port_free(rec.port):
-        return rec.port
+    try:
+        last = int((home / PORT).read_text())
+    except (OSError, ValueError):
+        last = 0
+    if last and port_free(last):
+        return last
     return free_port()
 
 
@@ -193,6 +197,7 @@ def ensure(home: Optional[Path] = None, *, say: Callable[[str], None] = lambda _
             rec = LocalServer(str(home), url, proc.pid, port, datetime.now(timezone.utc).isoformat(timespec="seconds"))
             # recorded before the wait: a command stopped now leaves a server `dr local down` knows about
             (home / RECORD).write_text(json.dumps(asdict(rec), indent=2) + "\n")
+            (home / PORT).write_text(f"{port}\n")
             say(f"starting the local Prefect server: UI {url} (state in {home}; the first start prepares its "
                 "database, up to a minute; `dr local down` stops it)")
             deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from dr import output
-from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app, maint_app, use_prefect
+from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app, maint_app, plan_run, use_prefect
 
 
 @app.command("backup")
@@ -24,10 +24,13 @@ def backup_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
     def body() -> None:
         _, s, e, path = _ctx(config, service, env)
         use_prefect()
+        from contextlib import nullcontext
+
         from flows.backup import backup_database
 
-        r = backup_database(s, e, kind=kind, backup_format=fmt, server=server, database=database, label=label,
-                            plan_only=plan, config_path=path)
+        with plan_run() if plan else nullcontext():
+            r = backup_database(s, e, kind=kind, backup_format=fmt, server=server, database=database, label=label,
+                                plan_only=plan, config_path=path)
         if plan:
             output.say(r["plan"])
             if r["blockers"]:

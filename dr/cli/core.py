@@ -74,8 +74,9 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help=(
 
 
 class CliLogFilter(logging.Filter):
-    """What reaches the terminal: everything with --verbose; otherwise warnings for a person and
-    the steps of a run, never an engine's failure report (the command's one error line says it).
+    """What reaches the terminal: everything with --verbose; otherwise our warnings for a person and
+    the steps of a run, never an engine's failure report (the command's one error line says it)
+    nor Prefect's internal chatter (its log and event queues draining at exit).
 
     It also remembers the last flow run it saw a record of, for "where are the logs".
     """
@@ -91,7 +92,10 @@ class CliLogFilter(logging.Filter):
             return True
         if getattr(record, "dr_show", False):
             return True
-        return record.levelno == logging.WARNING and not record.exc_info
+        # ours and the runs' own logs; Prefect's internals (client, services) only with --verbose
+        ours = record.name.split(".", 1)[0] in ("dr", "flows", "tasks", "deployments") or \
+            record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        return ours and record.levelno == logging.WARNING and not record.exc_info
 
 
 class _CliFormatter(logging.Formatter):
@@ -133,6 +137,14 @@ def use_prefect(*, start: bool = True) -> Any:
     from dr.prefect_server import resolve
 
     return resolve(say=output.note, start=start)
+
+
+def plan_run() -> Any:
+    """Settings for a flow run that only plans: no heartbeats (it lasts seconds, and Prefect joins the
+    heartbeat thread at the end of every run: up to 1 s more for the person waiting)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _run(fn: Callable[[], Any]) -> Any:

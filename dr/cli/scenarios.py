@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from dr import output
-from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app, use_prefect
+from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app, plan_run, use_prefect
 from dr.config import DrConfig
 
 PlanOpt = typer.Option(False, "--plan", help="Check everything and print the plan; change nothing.")
@@ -96,10 +96,14 @@ def data_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvO
         cfg, s, e, path = _ctx(config, service, env)
         check_scenario_input(cfg, s, e, auto_approve=auto_approve, incident=incident, time=time, tz=tz)
         use_prefect()
+        from contextlib import nullcontext
+
         from flows.data_loss import data_loss
 
-        _print_scenario(data_loss(s, e, restore_time=time, timezone_name=tz, incident=incident, plan_only=plan,
-                                  auto_approve=auto_approve, keep_ptr_server=keep_ptr_server, config_path=path))
+        with plan_run() if plan else nullcontext():
+            r = data_loss(s, e, restore_time=time, timezone_name=tz, incident=incident, plan_only=plan,
+                          auto_approve=auto_approve, keep_ptr_server=keep_ptr_server, config_path=path)
+        _print_scenario(r)
 
     _run(body)
 
@@ -122,10 +126,14 @@ def server_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = En
         cfg, s, e, path = _ctx(config, service, env)
         check_scenario_input(cfg, s, e, auto_approve=auto_approve, incident=incident, needs_time=False)
         use_prefect()
+        from contextlib import nullcontext
+
         from flows.server_loss import server_loss
 
-        _print_scenario(server_loss(s, e, recovery=recovery.value, backup=backup, incident=incident, plan_only=plan,
-                                    auto_approve=auto_approve, config_path=path))
+        with plan_run() if plan else nullcontext():
+            r = server_loss(s, e, recovery=recovery.value, backup=backup, incident=incident, plan_only=plan,
+                            auto_approve=auto_approve, config_path=path)
+        _print_scenario(r)
 
     _run(body)
 

@@ -154,7 +154,6 @@ def free_dead_holders(client: Any, ref: Ref, *, exclude: Any = None) -> list[str
     """
     from datetime import datetime, timedelta, timezone
 
-    import httpx
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, \
         FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -185,17 +184,17 @@ def free_dead_holders(client: Any, ref: Ref, *, exclude: Any = None) -> list[str
             why = process_gone(labels)
             if why is None:
                 continue
+        # the server answers 204 whether or not the lease still existed: the slot count tells
+        before = client.read_global_concurrency_limit_by_name(name).active_slots
         try:
             client.release_concurrency_slots_with_lease(lease)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 404:
-                raise
-            continue  # that lease is already gone (released, or expired and repossessed)
         finally:
             if state not in _FINAL:
                 client.set_flow_run_state(run.id, Crashed(message=f"{why}; its recovery slot {name} was freed by "
                                                                   f"the next recovery of {ref.service} {ref.environment}"),
                                           force=True)
+        if client.read_global_concurrency_limit_by_name(name).active_slots >= before:
+            continue  # that lease was already gone (released, or expired and repossessed)
         freed.append(f"run '{run.name}' ({run.id}): {why}")
     return freed
 

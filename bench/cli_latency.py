@@ -17,7 +17,11 @@ repetition so that a busy machine slows all alike:
 - `dr status`: the fleet board (#17, built at the same time): timed when the command exists
   on this branch, else its row says so (re-run after the merge);
 - `dr --help` and a refused input (`dr data-loss --time` of an ambiguous UK time), for
-  reference: the floor of any command, and the cost of a refusal.
+  reference: the floor of any command, and the cost of a refusal; `import prefect`, the floor of
+  any command that runs a flow;
+- before: `dr data-loss --plan` on Prefect's temporary server, as every command ran before the
+  local server (the fallback path, forced in a second project directory whose server cannot
+  start); `--no-before` skips it.
 
 Wall time is what a person waits; CPU seconds (user + sys of the `dr` process and its
 children, not the Prefect server's) say how much of it is ours when the machine is shared.
@@ -82,6 +86,18 @@ def dr(project: Path, *args: str, check: bool = True, timeout: float = 900) -> t
     return r, wall, cpu
 
 
+def timed(cmd: list[str], cwd: Path, extra: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra or {})}, stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def api_url(project: Path) -> str:
     rec = json.loads((project / ".dr-local" / "prefect" / "server.json").read_text())
     return rec["url"] + "/api"
@@ -112,6 +128,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--project", type=Path, help="project directory (default: a new temp dir, removed at the end)")
     ap.add_argument("--json", type=Path, help="write the measurements here too")
+    ap.add_argument("--no-before", action="store_true", help="skip the temporary-server row (10-20 s a run)")
     args = ap.parse_args()
 
     tmp = None
@@ -121,6 +138,10 @@ def main() -> None:
         project = Path(tmp.name)
         os.chmod(project, 0o755)  # PostgreSQL runs as an unprivileged user when this runs as root
     project.mkdir(parents=True, exist_ok=True)
+    from dr.config import BUILTIN_CONFIG
+
+    # the built-in demo configuration, its state kept in this project wherever a command runs
+    (project / "dr.toml").write_text(BUILTIN_CONFIG + f'\n[local]\nstate_dir = "{project / ".dr-local"}"\n')
     try:
         print(f"project {project}: bringing up the local platform and the local Prefect server (not timed)")
         dr(project, "local", "up")
@@ -136,7 +157,15 @@ def main() -> None:
             "status": Row("dr status", "fleet board (#17)"),
             "help": Row("dr --help", "reference: the floor"),
             "refused": Row("dr data-loss --time '2026-10-25 01:30'", "reference: a refusal, one error line"),
+            "prefect": Row("python -c 'import prefect.main'", "reference: Prefect's import, the floor of a flow run"),
+            "before": Row("dr data-loss --plan", "before: on Prefect's temporary server"),
         }
+        before = project / "before"
+        if not args.no_before:
+            # the local server cannot start here (its lock file is a directory): the command falls back to
+            # Prefect's temporary server, exactly as every command ran before this server existed
+            (before / ".dr-local" / "prefect" / "server.lock").mkdir(parents=True, exist_ok=True)
+            (before / "dr.toml").write_text((project / "dr.toml").read_text())
         status = has_command(project, "status")
         if not status:
             rows["status"].note = "TODO: `dr status` is not on this branch (fleet, #17); re-run after merging it"
@@ -152,6 +181,13 @@ def main() -> None:
             assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
             rows["refused"].wall.append(wall)
             rows["refused"].cpu.append(cpu)
+            _, wall, cpu = timed([sys.executable, "-c", "import prefect.main"], project)
+            rows["prefect"].wall.append(wall)
+            rows["prefect"].cpu.append(cpu)
+            if not args.no_before:
+                _, wall, cpu = timed([sys.executable, "-m", "dr.cli", "data-loss", "--plan"], before)
+                rows["before"].wall.append(wall)
+                rows["before"].cpu.append(cpu)
             if status:
                 _, wall, cpu = dr(project, "status")
                 rows["status"].wall.append(wall)

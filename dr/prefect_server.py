@@ -271,6 +271,11 @@ def resolve(*, say: Callable[[str], None], start: bool = True) -> Resolved:
     """
     api = os.environ.get("PREFECT_API_URL")
     if api:
+        if not healthy(api, timeout=10):
+            from dr.errors import ConfigError
+
+            raise ConfigError(f"PREFECT_API_URL is {api} but no Prefect server answers there: start it, or unset "
+                              "PREFECT_API_URL to use the local Prefect server", world_state="nothing was changed")
         return Resolved(api, "PREFECT_API_URL")
     home = default_home()
     try:

@@ -228,8 +228,9 @@ def _prefect_defaults() -> None:
         os.environ["PREFECT_HOME"] = home
 
 
-class _Stopped(Exception):
-    """SIGTERM or SIGHUP: unwind like Ctrl-C, so that what the command started is stopped with it."""
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwind exactly like Ctrl-C (a run ends Crashed, a held slot is given back), so
+    that what the command started is stopped with it."""
 
 
 def _on_signal(signum: int, _frame: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dr import output
-from dr.cli.core import ConfigOpt, _run, app, server_app, worker_app
+from dr.cli.core import ConfigOpt, _run, app, server_app, use_prefect, worker_app
 from dr.config import load_config
 
 
@@ -111,9 +111,11 @@ def alerts_cmd(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
     """Serve the alert endpoint (Azure Monitor common alert schema → a scenario run that waits for a person)."""
 
     def body() -> None:
+        cfg = load_config(config)
+        use_prefect()  # the runs an alert starts are on this server
         from dr.alerts import serve
 
-        serve(load_config(config), host, port)
+        serve(cfg, host, port)
 
     _run(body)
 
@@ -125,10 +127,12 @@ def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers'
     """Register the Prefect automations (runs whose worker died are marked Crashed; on-call is told)."""
 
     def body() -> None:
+        cfg = load_config(config)
+        use_prefect()
         from deployments.automations import ensure_automations
         from dr.notify import webhook_urls
 
-        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(load_config(config)))
+        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(cfg))
         output.say("created: " + ", ".join(made) if made else "automations already registered")
 
     _run(body)

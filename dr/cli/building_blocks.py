@@ -13,7 +13,7 @@ from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app, maint_ap
 @app.command("backup")
 def backup_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
                kind: str = typer.Option("adhoc", help="adhoc, nightly, pre-restore-safety, ptr, drill"),
-               fmt: str = typer.Option("custom-zstd", "--format", help="custom-zstd (.pgdump.zst, default), custom (.pgdump) or plain-gzip (.sql.gz)"),
+               fmt: str = typer.Option("custom-zstd", "--format", metavar="FORMAT", help="custom-zstd (.pgdump.zst, default), custom (.pgdump) or plain-gzip (.sql.gz)"),
                server: Optional[str] = typer.Option(None, help="Back up this server (e.g. a PTR server)."),
                database: Optional[str] = typer.Option(None, help="Back up this database."),
                label: Optional[str] = typer.Option(None, help="Extra tag, e.g. an incident id."),
@@ -45,7 +45,8 @@ def backup_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
 @app.command("restore")
 def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
                 backup: Optional[str] = typer.Option(None, help="Backup name (default: newest complete)."),
-                server: Optional[str] = typer.Option(None), database: Optional[str] = typer.Option(None),
+                server: Optional[str] = typer.Option(None, help="Restore onto this server instead of the environment's own."),
+                database: Optional[str] = typer.Option(None, help="Restore as this database (default: the environment's)."),
                 jobs: int = typer.Option(2, help="Parallel restore jobs (custom format)."),
                 no_safety_backup: bool = typer.Option(False, "--no-safety-backup", help="Skip the backup of the live database taken first."),
                 config: Optional[str] = ConfigOpt) -> None:
@@ -69,7 +70,7 @@ def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt
 def ptr_cmd(time: str = typer.Option(..., "--time", "-t", help="Restore time in UK time, e.g. '2026-07-01 14:30', or with an offset."),
             service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
             tz: Optional[str] = typer.Option(None, "--timezone", help="Zone of --time (default Europe/London)."),
-            incident: Optional[str] = typer.Option(None), config: Optional[str] = ConfigOpt) -> None:
+            incident: Optional[str] = typer.Option(None, help="Incident id, to tag the new server with."), config: Optional[str] = ConfigOpt) -> None:
     """Point-in-time restore of the live server onto a NEW server."""
 
     def body() -> None:
@@ -120,7 +121,8 @@ def maintenance_off_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] 
 
 @app.command("validate")
 def validate_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
-                 server: Optional[str] = typer.Option(None), database: Optional[str] = typer.Option(None),
+                 server: Optional[str] = typer.Option(None, help="Check the data on this server (e.g. a PTR server)."),
+                 database: Optional[str] = typer.Option(None, help="Check this database."),
                  config: Optional[str] = ConfigOpt) -> None:
     """Run the environment's service checks."""
 
@@ -138,9 +140,9 @@ def validate_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOp
 
 @app.command("tidy-up")
 def tidy_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
-             older_than_hours: float = typer.Option(0.0), dry_run: Optional[bool] = typer.Option(
+             older_than_hours: float = typer.Option(0.0, metavar="HOURS", help="Only what is older than this many hours."), dry_run: Optional[bool] = typer.Option(
                  None, "--dry-run/--no-dry-run", help="Default: dry run in production."),
-             incident: Optional[str] = typer.Option(None), config: Optional[str] = ConfigOpt) -> None:
+             incident: Optional[str] = typer.Option(None, help="Only what this incident created."), config: Optional[str] = ConfigOpt) -> None:
     """Delete PTR servers and replaced databases this tool created."""
 
     def body() -> None:
@@ -182,7 +184,7 @@ def backups_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt
 
 @app.command("retention")
 def retention_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt,
-                  dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run"), config: Optional[str] = ConfigOpt) -> None:
+                  dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="Show what would be deleted (default), or delete it."), config: Optional[str] = ConfigOpt) -> None:
     """Show (or apply) what the retention policy keeps and deletes among nightly backups."""
 
     def body() -> None:

@@ -42,7 +42,7 @@ def local_status(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOp
 
 
 @local_app.command("down")
-def local_down(purge: bool = typer.Option(False, help="Also delete every server, backup and archive."),
+def local_down(purge: bool = typer.Option(False, "--purge", help="Also delete every server, backup and archive."),
                config: Optional[str] = ConfigOpt) -> None:
     """Stop every local server and app, and the local Prefect server (with --purge, delete the state directory)."""
 

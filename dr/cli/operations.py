@@ -61,7 +61,7 @@ def server_start_cmd(host: str = typer.Option("127.0.0.1", help="Address to list
 def worker_start_cmd(pool: str = typer.Option("dr", help="The work pool (created as a process pool if missing)."),
                      name: Optional[str] = typer.Option(None, help="The worker's name."),
                      limit: Optional[int] = typer.Option(None, help="Most flow runs at once."),
-                     heartbeat_seconds: int = typer.Option(60, help=(
+                     heartbeat_seconds: int = typer.Option(60, metavar="SECONDS", help=(
                          "PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs (at least 30); "
                          "`dr automations` must be given the same value."))) -> None:
     """Run a process worker in the foreground (`prefect worker start --pool dr`), DR_HOME set for the flow runs."""
@@ -106,7 +106,8 @@ def deploy_cmd(name: Optional[list[str]] = typer.Option(None, "--name", "-n", he
 
 
 @app.command("alerts")
-def alerts_cmd(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8787),
+def alerts_cmd(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+               port: int = typer.Option(8787, help="Port to listen on."),
                config: Optional[str] = ConfigOpt) -> None:
     """Serve the alert endpoint (Azure Monitor common alert schema → a scenario run that waits for a person)."""
 
@@ -122,7 +123,7 @@ def alerts_cmd(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
 
 
 @app.command("automations")
-def automations_cmd(heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
+def automations_cmd(heartbeat_seconds: int = typer.Option(60, metavar="SECONDS", help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
                     config: Optional[str] = ConfigOpt) -> None:
     """Register the Prefect automations (runs whose worker died are marked Crashed; on-call is told)."""
 

@@ -117,14 +117,25 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def project(shared_env, tmp_path_factory):
-    """A project directory of its own, its local Prefect server started by `dr local up`, stopped at the end."""
+def project(request, tmp_path_factory):
+    """A project directory of its own and its local Prefect server, up with `dr local up`, stopped at the end.
+
+    The server's first start (its database migrations) runs while the module's platform comes up.
+    """
     cwd = tmp_path_factory.mktemp("cli-project")
+    home = cwd / ".dr-local" / "prefect"
+    # started by a process that exits, as `dr` does (not a child of pytest that nobody would reap)
+    code = f"from pathlib import Path; from dr.prefect_server import ensure; ensure(Path({str(home)!r}))"
+    starter = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), cwd=cwd, stdin=subprocess.DEVNULL)
+    try:
+        shared_env = request.getfixturevalue("shared_env")
+    finally:
+        assert starter.wait(600) == 0
     r = dr(cwd, "local", "up", "--config", shared_env.config_path, "--env", "development", timeout=600)
     assert r.returncode == 0, r.stdout
-    home = cwd / ".dr-local" / "prefect"
     srv = prefect_server.read_record(home)
-    assert srv is not None, r.stdout
+    assert srv is not None and "starting the local Prefect server" not in r.stdout, r.stdout  # found it running
+    assert f"prefect   UI {srv.url}" in r.stdout
     yield cwd, shared_env, srv, Api(srv.api)
     prefect_server.stop(home)
 

@@ -119,10 +119,11 @@ def _configure_logging(*, verbose: bool) -> None:
         _HANDLER.addFilter(CliLogFilter())
         _HANDLER.setFormatter(_CliFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(_HANDLER)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.getLogger("dr").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("httpx", "httpcore", "asyncio", "urllib3", "azure", "kubernetes"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy != "httpcore" else logging.WARNING)
+    root.setLevel(logging.INFO)  # other libraries' debug chatter (graphviz, httpcore...) stays out even then
+    for ours in ("dr", "flows", "tasks", "deployments"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "httpcore", "asyncio", "urllib3", "azure", "kubernetes"):  # every request: no
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def use_prefect(*, start: bool = True) -> Any:
@@ -160,6 +161,10 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except DrError as exc:
+        if CliLogFilter.verbose:  # the details behind the one line
+            import traceback
+
+            traceback.print_exc()
         output.error(str(exc))
         raise typer.Exit(exc.exit_code)
     except (KeyboardInterrupt, _Stopped) as exc:

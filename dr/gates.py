@@ -148,10 +148,14 @@ def find_run(api: Any, ref: str) -> dict[str, Any]:
         if not runs:
             raise InvalidInput(f"no flow run is named {ref!r} on this Prefect server ({api.api_url}); `dr pending` "
                                "lists the runs waiting for an answer", world_state="nothing was changed")
-        if len(runs) > 1:
-            raise InvalidInput(f"several flow runs are named {ref!r}: use the id ({', '.join(r['id'] for r in runs)})",
-                               world_state="nothing was changed")
-        return runs[0]
+        if len(runs) == 1:
+            return runs[0]
+        # names are random and may repeat over a long history: the one still running or paused is meant
+        live = [r for r in runs if (r.get("state") or {}).get("type") in ("RUNNING", "PAUSED", "CANCELLING")]
+        if len(live) == 1:
+            return live[0]
+        raise InvalidInput(f"several flow runs are named {ref!r}: use the id ({', '.join(r['id'] for r in runs)})",
+                           world_state="nothing was changed")
     run = api.flow_run(ref)
     if run is None:
         raise InvalidInput(f"no flow run {ref} on this Prefect server ({api.api_url})", world_state="nothing was changed")

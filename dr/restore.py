@@ -55,6 +55,7 @@ from dr.errors import BackupCorrupted, BackupNotFound, CommandError, DrError, Re
 from dr.loader import stream_restore
 from dr.pgarchive import ArchiveFormatError, ArchiveStream
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, ServerPlatform
+from dr.preflight import preflight_restore
 from dr.progress import Progress, ProgressHook
 
 log = logging.getLogger("dr.restore")
@@ -318,6 +319,7 @@ def restore_backup(
     admin = servers.connection(server, "postgres")
     server_major = server_major_version(admin)
     tools.check_client_for(server_major, ("pg_restore", "psql"))
+    preflight_restore(servers, store, tools, info, server)  # extensions, versions: refused before anything changes
 
     # a re-run after the swap already happened must not restore again over validated data
     if database_exists(admin, database) and database_comment(admin, database) == _restored_marker(info) and info.sha256:

@@ -38,6 +38,9 @@ def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt
                 server: Optional[str] = typer.Option(None), database: Optional[str] = typer.Option(None),
                 jobs: int = typer.Option(2, help="Parallel restore jobs (custom format)."),
                 no_safety_backup: bool = typer.Option(False, help="Skip the backup of the live database taken first."),
+                plan: bool = typer.Option(False, "--plan", help=(
+                    "Check everything (the backup's extensions and versions against the server, the client tools) "
+                    "and print the plan; change nothing.")),
                 config: Optional[str] = ConfigOpt) -> None:
     """Restore a backup into the live database: new database, verify, atomic swap."""
 
@@ -46,7 +49,12 @@ def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt
 
         _, s, e, path = _ctx(config, service, env)
         r = restore_database(s, e, backup=backup, server=server, database=database, jobs=jobs,
-                             safety_backup=not no_safety_backup, config_path=path)
+                             safety_backup=not no_safety_backup, plan_only=plan, config_path=path)
+        if plan:
+            output.say(r["plan"])
+            if r["blockers"]:
+                raise typer.Exit(4)
+            return
         output.kv({"restored": r["backup"], "into": r["database"], "previous database kept as": r["replaced_database"],
                    "safety backup": r["safety_backup"], "manifest verified": r["verified_manifest"],
                    "took": f"{r['seconds']:.1f} s"})

@@ -49,6 +49,7 @@ def server_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = En
                     incident: Optional[str] = typer.Option(None, help="Incident id; the same id resumes."),
                     plan: bool = typer.Option(False, "--plan", help="Check everything and print the plan; change nothing."),
                     auto_approve: bool = typer.Option(False, help="Approve every gate (non-production only)."),
+                    without_snapshot: bool = typer.Option(False, help="Recreate with the platform's defaults when no server snapshot is stored."),
                     config: Optional[str] = ConfigOpt) -> None:
     """Scenario 1: bring back a lost database server."""
 
@@ -57,7 +58,7 @@ def server_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = En
 
         _, s, e, path = _ctx(config, service, env)
         _print_scenario(server_loss(s, e, recovery=recovery, backup=backup, incident=incident, plan_only=plan,
-                                    auto_approve=auto_approve, config_path=path))
+                                    auto_approve=auto_approve, without_snapshot=without_snapshot, config_path=path))
 
     _run(body)
 

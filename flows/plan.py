@@ -233,7 +233,10 @@ def plan_server_loss(ref: Ref, backup: str | None, without_snapshot: bool = Fals
             support = (rt.servers.get_extension_support(t.server) if exists and srv.state == "Ready"
                        else rt.servers.expected_extension_support(snapshot) if snapshot is not None else None)
             if support is not None:
-                _backup_fit(ref, plan, info, support)
+                try:
+                    _backup_fit(ref, plan, info, support)
+                except DrError as exc:  # the backup cannot even be read: it cannot be restored either
+                    plan.refuse(f"backup {info.name}: {exc}")
     except DrError as exc:
         if not dropped:
             plan.blockers.append(f"no way back: not revivable, and {exc}")

@@ -17,6 +17,7 @@ large objects, and the extensions, triggers and constraints.
 from __future__ import annotations
 
 import gzip
+import logging
 import re
 import subprocess
 import sys
@@ -337,6 +338,20 @@ class TestUpgrades:
         r = restore_database(**qa.kw(), backup=ours, database="upgraded_ours", safety_backup=False, jobs=2)
         assert r["verified_manifest"] and across_versions(fingerprint(qa, "upgraded_ours")) == source
         assert qa.scalar("SELECT current_setting('server_version_num')::int / 10000", database="upgraded_ours") == 18
+
+
+class TestPostgres18:
+    def test_a_custom_backup_of_an_18_server_carries_the_planner_statistics(self, real, caplog):
+        from flows.backup import backup_database
+        from flows.restore import restore_database
+
+        qa = real.qa
+        name = backup_database(**qa.kw(), kind="adhoc")["name"]  # pg_dump 18 --statistics
+        with caplog.at_level(logging.INFO, logger="dr.restore"):
+            restore_database(**qa.kw(), backup=name, database="stats18", safety_backup=False, jobs=2)
+        assert "statistics: restored from the backup" in caplog.text  # no ANALYZE ran
+        assert qa.scalar("SELECT reltuples FROM pg_class WHERE relname = 'applications'", database="stats18") == \
+            qa.scalar("SELECT count(*) FROM applications")
 
 
 class TestRefusedBeforeAnythingChanges:

@@ -161,6 +161,9 @@ def _listing(found: list[PgInstallation]) -> str:
     return ", ".join(f"{i.version} ({i.origin}{'' if i.full_contrib else ', partial contrib'})" for i in found) or "none"
 
 
+_WARNED: set[Path] = set()
+
+
 def choose_installation(version: int | None = None, bin_dir: Path | None = None, *,
                         field: str = "postgres_version") -> PgInstallation:
     """The installation to run servers with.
@@ -189,7 +192,8 @@ def choose_installation(version: int | None = None, bin_dir: Path | None = None,
             f"modules (Debian/Ubuntu: apt-get install postgresql-{version}, from apt.postgresql.org if the "
             "distribution has no such version) or choose an installed version", field=field)
     best = max(candidates, key=_rank)
-    if version is None and not best.full_contrib:
+    if version is None and not best.full_contrib and best.bin_dir not in _WARNED:
+        _WARNED.add(best.bin_dir)  # once per process: every task resolves its installation
         log.warning("no PostgreSQL with the full contrib set is installed; the local platform runs %s, which lacks %s "
                     "(Debian/Ubuntu: apt-get install postgresql)", best.describe(), ", ".join(best.missing_contrib()))
     return best
@@ -202,16 +206,29 @@ def environment_installation(config: "DrConfig", target: "Target | None") -> PgI
     return choose_installation(version, config.local.pg_bin_dir, field=where)
 
 
-def client_tools(config: "DrConfig", target: "Target") -> "PgTools":
+def client_tools(config: "DrConfig", target: "Target", *, server_version: int | None = None) -> "PgTools":
     """The pg_dump, pg_restore and psql an environment's backups and restores use.
 
-    `[local] pg_bin_dir` when set (e.g. a client of the Azure servers' version, built with
-    SSL); else, on the local platform, the installation its servers run; else the default one.
+    `[local] pg_bin_dir` when set (e.g. a client of the Azure servers' version, built with SSL);
+    else, on the local platform, the installation the environment's server runs (the one it was
+    created with, which may predate the environment's `postgres_version`), or for a server still
+    to be made, the installation of `server_version` (a snapshot's) or of the environment; else
+    the default installation.
     """
     from dr.commands import PgTools
+    from dr.errors import ServerNotFound
 
     if config.local.pg_bin_dir is not None:
         return PgTools.default(config.local.pg_bin_dir)
-    if target.platform == "local":
-        return PgTools.default(environment_installation(config, target).bin_dir)
-    return PgTools.default()
+    if target.platform != "local":
+        return PgTools.default()
+    from dr.platforms.local import local_servers
+
+    servers = local_servers(config, target)
+    try:
+        return PgTools.default(servers.installation_of(target.server).bin_dir)
+    except ServerNotFound:
+        pass
+    if server_version is not None and server_version != servers.installation.version:
+        return PgTools.default(choose_installation(server_version, field="the server snapshot's version").bin_dir)
+    return servers.tools

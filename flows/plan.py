@@ -51,9 +51,12 @@ def _tools_fact(ref: Ref, server_version: int | None, plan: Plan) -> None:
 
 def _fit(ref: Ref, plan: Plan, needs, support, *, fmt: str, backup: str) -> None:
     """What the backup needs against what the target offers: facts, and a refusal per problem."""
+    from dr.pginstall import client_tools
     from dr.preflight import check_fit
 
     rt = ref.rt()
+    # the client tools that will serve the target (a server still to be made: those of its version)
+    tools = client_tools(rt.config, rt.target, server_version=support.version)
     plan.facts["backup needs"] = needs.describe()
     offers = support.description or f"PostgreSQL {support.version}"
     if support.available is not None:
@@ -61,7 +64,7 @@ def _fit(ref: Ref, plan: Plan, needs, support, *, fmt: str, backup: str) -> None
     if support.allow_list is not None:
         offers += f"; allow-listed: {', '.join(sorted(support.allow_list)) or 'none'}"
     plan.facts["target offers"] = offers
-    fit = check_fit(needs, support, rt.tools, fmt=fmt, backup=backup)
+    fit = check_fit(needs, support, tools, fmt=fmt, backup=backup)
     for note in fit.notes:
         plan.facts.setdefault("note", note)
     for problem in fit.problems:

@@ -233,6 +233,17 @@ class TestTheLocalPlatformSaysWhichPostgreSQL:
         assert "pgcrypto" in qa.postgres["missing_contrib"]
         assert real.qa.scalar("SELECT current_setting('server_version_num')::int / 10000") == 18
 
+    def test_a_server_keeps_its_postgresql_when_the_environment_asks_for_another_later(self, real):
+        from dr.pginstall import client_tools
+        from dr.platforms.local import lifecycle
+
+        moved = real.root / "moved.toml"
+        moved.write_text(real.config_path.read_text().replace("postgres_version = 18", "postgres_version = 15"))
+        cfg = load_config(moved)
+        qa = cfg.target("apply", "qa")
+        assert lifecycle.status(cfg, qa).postgres["version"] == 18  # what the existing server runs
+        assert client_tools(cfg, qa).major_version("pg_dump") == 18  # so its backups are not refused
+
     def test_dr_local_status_names_it_and_warns_of_what_the_embedded_one_lacks(self, real):
         def status(env: str) -> str:
             return subprocess.run([sys.executable, "-m", "dr.cli", "local", "status", "--config", str(real.config_path),
@@ -444,6 +455,16 @@ class TestChoosingThePostgreSQL:
     def test_the_default_has_the_full_contrib_set(self):
         inst = choose_installation()
         assert inst.full_contrib and {"pgcrypto", "uuid-ossp", "citext", "btree_gin"} <= set(inst.extensions())
+
+    def test_without_a_full_postgresql_the_embedded_one_is_the_fallback_saying_what_it_lacks(self, monkeypatch, caplog):
+        import dr.pginstall as pginstall
+
+        monkeypatch.setattr(pginstall, "DISTRIBUTION_GLOBS", ())  # a machine without the distribution's PostgreSQL
+        monkeypatch.setattr(pginstall, "_WARNED", set())
+        with caplog.at_level(logging.WARNING, logger="dr.pginstall"):
+            inst = choose_installation()
+        assert inst.source == "embedded" and inst.version == 18 and not inst.full_contrib
+        assert "lacks" in caplog.text and "pgcrypto" in caplog.text and "apt-get install postgresql" in caplog.text
 
     def test_the_version_key_is_checked_at_load(self):
         with pytest.raises(ConfigError, match="postgres_version"):

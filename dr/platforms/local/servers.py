@@ -573,14 +573,16 @@ class LocalServers(ServerPlatform):
     def _install_fix(self, inst: PgInstallation) -> str:
         from dr.pginstall import find_installations
 
-        fix = (f"{inst.describe()} does not carry it: run the environment on a PostgreSQL with the full contrib set "
-               f"(Debian/Ubuntu: apt-get install postgresql-{inst.version}, from apt.postgresql.org if the distribution "
-               "has no such version)")
-        others = [i for i in find_installations() if i.full_contrib and i.bin_dir != inst.bin_dir]
+        fix = (f"PostgreSQL {inst.version} ({inst.origin}) does not carry it: run the environment on a PostgreSQL "
+               f"with the full contrib set (Debian/Ubuntu: apt-get install postgresql-{inst.version}, from "
+               "apt.postgresql.org if the distribution has no such version)")
+        others = sorted({i.version: i for i in find_installations() if i.full_contrib and i.bin_dir != inst.bin_dir}
+                        .values(), key=lambda i: i.version)
         if others:
             fix += ("; installed here with the full contrib set: "
                     + ", ".join(f"PostgreSQL {i.version} ({i.origin})" for i in others)
-                    + ": set postgres_version = <that version> for the environment")
+                    + f": set postgres_version = {others[-1].version if len(others) == 1 else '<one of them>'} "
+                      "for the environment")
         return fix
 
     def get_extension_support(self, name: str) -> ExtensionSupport:

@@ -49,16 +49,27 @@ def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt
                 database: Optional[str] = typer.Option(None, help="Restore as this database (default: the environment's)."),
                 jobs: int = typer.Option(2, help="Parallel restore jobs (custom format)."),
                 no_safety_backup: bool = typer.Option(False, "--no-safety-backup", help="Skip the backup of the live database taken first."),
+                plan: bool = typer.Option(False, "--plan", help=(
+                    "Check everything (the backup's extensions and versions against the server, the client tools) "
+                    "and print the plan; change nothing.")),
                 config: Optional[str] = ConfigOpt) -> None:
     """Restore a backup into the live database: new database, verify, atomic swap."""
 
     def body() -> None:
         _, s, e, path = _ctx(config, service, env)
         use_prefect()
+        from contextlib import nullcontext
+
         from flows.restore import restore_database
 
-        r = restore_database(s, e, backup=backup, server=server, database=database, jobs=jobs,
-                             safety_backup=not no_safety_backup, config_path=path)
+        with plan_run() if plan else nullcontext():
+            r = restore_database(s, e, backup=backup, server=server, database=database, jobs=jobs,
+                                 safety_backup=not no_safety_backup, plan_only=plan, config_path=path)
+        if plan:
+            output.say(r["plan"])
+            if r["blockers"]:
+                raise typer.Exit(4)
+            return
         if r["skipped"]:
             output.say(f"restore skipped: {r['skipped']}")
             return

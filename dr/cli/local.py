@@ -61,6 +61,13 @@ def local_down(purge: bool = typer.Option(False, "--purge", help="Also delete ev
 
 
 def _print_status(st: Any) -> None:
+    pg = st.postgres
+    output.say(f"postgres  {pg['describe']}")
+    output.say(f"          {len(pg['extensions'])} extensions available: {', '.join(pg['extensions'])}")
+    if pg["missing_contrib"]:
+        output.say(f"          WARNING: no {', '.join(pg['missing_contrib'])} (contrib modules this build lacks): a database "
+                   "using them cannot be restored here; install the distribution's PostgreSQL (apt-get install "
+                   "postgresql) and set postgres_version to its version for the environment")
     srv = st.server
     output.say(f"server    {srv['name']} {srv['state']} PostgreSQL {srv['version']} at {srv['host']}:{srv['port']}"
                if srv else "server    (none)")

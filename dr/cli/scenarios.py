@@ -120,6 +120,8 @@ def server_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = En
                     backup: Optional[str] = typer.Option(None, "--backup", metavar="NAME", help=(
                         "Backup to restore after a recreate (default: the newest complete nightly).")),
                     incident: Optional[str] = IncidentOpt, plan: bool = PlanOpt, auto_approve: bool = AutoApproveOpt,
+                    without_snapshot: bool = typer.Option(False, "--without-snapshot", help=(
+                        "Recreate with the platform's defaults when no server snapshot is stored (default: refuse).")),
                     config: Optional[str] = ConfigOpt) -> None:
     """Scenario 1: bring back a lost database server.
 
@@ -136,7 +138,7 @@ def server_loss_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = En
 
         with plan_run() if plan else nullcontext():
             r = server_loss(s, e, recovery=recovery.value, backup=backup, incident=incident, plan_only=plan,
-                            auto_approve=auto_approve, config_path=path)
+                            auto_approve=auto_approve, without_snapshot=without_snapshot, config_path=path)
         _print_scenario(r)
 
     _run(body)

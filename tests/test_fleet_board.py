@@ -148,7 +148,7 @@ class TestRows:
         row = board.row("board", "development")
         assert row.status == AMBER and not findings(row, RED)
         [drill] = [f for f in findings(row, AMBER) if f.alert == "drill-overdue:board-development"]
-        assert drill.text == "drill overdue: none in the last 70 days"
+        assert drill.text == "drill overdue: none in the last 42 days"
         assert row.drill_scheduled and not [f for f in board.row("board", "qa").findings if "drill" in f.text]
 
     def test_a_paused_incident_is_listed_with_what_it_waits_for_and_its_link(self, fleet, board):

@@ -38,6 +38,9 @@ NIGHTLY, VERIFY, DRILL = "nightly-backup", "verify-backup", "dr-drill"
 ROUTINE_FLOWS = (NIGHTLY, VERIFY, DRILL, "fleet-check", "validate-service", "backup-database")
 OPEN_STATES = ("RUNNING", "PAUSED", "PENDING", "CANCELLING")
 PAGE = 200
+#: how far back the nightly runs are read: the newest final one is all the board needs (an older
+#: failure is covered by the backup's age against the RPO)
+NIGHTLY_DAYS = 1.1
 #: what a paused run waits for, from its pause key (flows/approval.py)
 PAUSE_KEYS = {"restore-time": "the restore time", "recovery-choice": "the choice: revive or recreate"}
 _STAMP = re.compile(r"_(\d{14})(?:_\d+)?$")  # <db>_replaced_<YYYYmmddHHMMSS>[_n], as tasks/tidy.py reads it
@@ -84,6 +87,8 @@ class Board:
     rows: list[Row]
     #: requests made per kind of fact (the board's cost does not grow with environments but for stores/servers)
     requests: dict[str, int] = field(default_factory=dict)
+    #: the slowest read of each source, in seconds (they run at the same time)
+    sources: dict[str, float] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out = {GREEN: 0, AMBER: 0, RED: 0}
@@ -110,8 +115,9 @@ class Board:
         """One line per environment for a person: status, backup age vs RPO, verify, drill, open, leftovers, why."""
         out = []
         for r in self.rows:
+            why = "; ".join(_short(f.text) for f in r.findings) or r.reason  # in full: --json
             out.append([r.service, r.environment, r.status.upper(), _backup_cell(r), _verify_cell(r), _drill_cell(r),
-                        _recoveries_cell(r), _leftovers_cell(r), r.reason])
+                        _recoveries_cell(r), _leftovers_cell(r), why])
         return out
 
     HEADERS = ["service", "environment", "status", "last backup (age / RPO)", "verified restore",
@@ -145,6 +151,10 @@ def age_text(seconds: float) -> str:
     if seconds < 48 * 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def _short(text: str, width: int = 110) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def _when(t: str | datetime | None) -> str:
@@ -202,6 +212,16 @@ class Facts:
     flow_names: dict[Any, str] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)         # key -> latest artifact
     requests: dict[str, int] = field(default_factory=dict)
+    #: wall time of each source (they are read at the same time)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(into: dict[str, float], what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    started = time.monotonic()
+    try:
+        return fn(*args)
+    finally:
+        into[what] = max(into.get(what, 0.0), time.monotonic() - started)
 
 
 def env_key(target: Target) -> str:
@@ -245,13 +265,16 @@ def _key(params: dict[str, Any]) -> str | None:
     return f"{s}-{e}" if isinstance(s, str) and isinstance(e, str) else None
 
 
-async def _paged(read: Any, **kw: Any) -> list[Any]:
-    out: list[Any] = []
-    while True:
-        page = await read(limit=PAGE, offset=len(out), **kw)
-        out += page
-        if len(page) < PAGE:
-            return out
+async def _paged(read: Any, ahead: int = 2, **kw: Any) -> list[Any]:
+    """Every page of a query: the first, then `ahead` pages at a time while they come back full."""
+    out = await read(limit=PAGE, offset=0, **kw)
+    while len(out) % PAGE == 0 and out:
+        pages = await asyncio.gather(*(read(limit=PAGE, offset=len(out) + i * PAGE, **kw) for i in range(ahead)))
+        for page in pages:
+            out += page
+            if len(page) < PAGE:
+                return out
+    return out
 
 
 async def _prefect_facts(config: DrConfig, targets: list[Target], now: datetime, service: str | None) -> Facts:
@@ -260,7 +283,6 @@ async def _prefect_facts(config: DrConfig, targets: list[Target], now: datetime,
         ArtifactCollectionFilter,
         ArtifactCollectionFilterKey,
         FlowFilter,
-        FlowFilterId,
         FlowFilterName,
         FlowRunFilter,
         FlowRunFilterParentTaskRunId,
@@ -284,16 +306,15 @@ async def _prefect_facts(config: DrConfig, targets: list[Target], now: datetime,
 
     keys = [f"{kind}-{t.service}-{t.environment}" for t in targets for kind in ("drill", "verify")]
     async with get_client() as client:
-        nightly, verify, drills, open_runs, artifacts = await asyncio.gather(
-            runs_of(NIGHTLY, 3), runs_of(VERIFY, 2 * fc.verify_max_days), runs_of(DRILL, 2 * fc.drill_max_days),
+        nightly, verify, drills, open_runs, artifacts, flows = await asyncio.gather(
+            runs_of(NIGHTLY, NIGHTLY_DAYS), runs_of(VERIFY, fc.verify_max_days + 1), runs_of(DRILL, fc.drill_max_days + 7),
             _paged(client.read_flow_runs, flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in OPEN_STATES])),
                 parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True))),
             _paged(client.read_latest_artifacts, artifact_filter=ArtifactCollectionFilter(
                 key=ArtifactCollectionFilterKey(any_=keys))),
+            _paged(client.read_flows),
         )
-        flow_ids = sorted({r.flow_id for r in open_runs}, key=str)
-        flows = await client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids))) if flow_ids else []
     facts.flow_names = {f.id: f.name for f in flows}
     for runs, into in ((nightly, facts.nightly), (verify, facts.verify), (drills, facts.drills)):
         for r in runs:
@@ -306,7 +327,7 @@ async def _prefect_facts(config: DrConfig, targets: list[Target], now: datetime,
             facts.open_runs.setdefault(k, []).append(r)
     facts.artifacts = {a.key: a for a in artifacts}
     facts.requests = {"prefect: nightly runs": 1, "prefect: verify runs": 1, "prefect: drill runs": 1,
-                      "prefect: open runs": 1, "prefect: artifacts": 1, "prefect: flow names": 1 if flow_ids else 0}
+                      "prefect: open runs": 1, "prefect: artifacts": 1, "prefect: flow names": 1}
     return facts
 
 
@@ -318,10 +339,13 @@ def gather(config: DrConfig, targets: list[Target], now: datetime, service: str 
     scopes: dict[tuple, Any] = {}
     for t in targets:
         scopes.setdefault(_scope(t), platforms[env_key(t)].servers)
+    took: dict[str, float] = {}
     with ThreadPoolExecutor(max_workers=16) as pool:
-        prefect_f = _submit(pool, lambda: asyncio.run(_prefect_facts(config, targets, now, service)))
-        backup_fs = {env_key(t): _submit(pool, _latest_nightly, platforms[env_key(t)]) for t in targets}
-        server_fs = {s: _submit(pool, srv.list_servers) for s, srv in scopes.items()}
+        prefect_f = _submit(pool, _timed, took, "prefect",
+                            lambda: asyncio.run(_prefect_facts(config, targets, now, service)))
+        backup_fs = {env_key(t): _submit(pool, _timed, took, "stores", _latest_nightly, platforms[env_key(t)])
+                     for t in targets}
+        server_fs = {s: _submit(pool, _timed, took, "servers", srv.list_servers) for s, srv in scopes.items()}
         servers: dict[tuple, Any] = {}
         for s, f in server_fs.items():
             try:
@@ -334,8 +358,14 @@ def gather(config: DrConfig, targets: list[Target], now: datetime, service: str 
             live = [x for x in listed if x.name == t.server] if isinstance(listed, list) else []
             at = (_scope(t), t.server)
             if live and live[0].state == "Ready" and at not in db_fs:
-                db_fs[at] = _submit(pool, _databases, scopes[_scope(t)], t.server)
-        facts = prefect_f.result()
+                db_fs[at] = _submit(pool, _timed, took, "databases", _databases, scopes[_scope(t)], t.server)
+        try:
+            facts = prefect_f.result()
+        except Exception as exc:  # noqa: BLE001 - said once, clearly, instead of a traceback
+            from dr.errors import DrError
+
+            raise DrError(f"cannot read the runs from the Prefect API ({ui_base() or 'not configured'}): "
+                          f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         facts.servers = servers
         for k, f in backup_fs.items():
             try:
@@ -348,6 +378,7 @@ def gather(config: DrConfig, targets: list[Target], now: datetime, service: str 
             except Exception as exc:  # noqa: BLE001
                 facts.databases[at] = exc
     facts.requests.update({"stores": len(backup_fs), "server listings": len(server_fs), "database listings": len(db_fs)})
+    facts.seconds = took
     return facts
 
 
@@ -368,6 +399,7 @@ def _final(runs: list[Any]) -> Any:
 
 def _message(run: Any) -> str:
     msg = (run.state.message or "") if run.state else ""
+    msg = msg.removeprefix("Flow run encountered an exception: ")  # Prefect's words around every failure
     return msg.splitlines()[0][:240] if msg else (run.state.name if run.state else "")
 
 
@@ -491,7 +523,7 @@ def evaluate(config: DrConfig, t: Target, facts: Facts, now: datetime, ui: str |
             row.add(AMBER, f"last verified restore {age_text((now - _at(verify)).total_seconds())} ago "
                            f"(over {fc.verify_max_days:g} d)")
     else:
-        row.add(AMBER, f"no verified restore in the last {2 * fc.verify_max_days:g} days")
+        row.add(AMBER, f"no verified restore in the last {fc.verify_max_days + 1:g} days")
 
     # the monthly drill
     drill = _final(facts.drills.get(k, []))
@@ -512,7 +544,7 @@ def evaluate(config: DrConfig, t: Target, facts: Facts, now: datetime, ui: str |
         if rpo_s is not None and rpo_s > rpo:
             row.add(AMBER, f"drill RPO {age_text(rpo_s)} over the objective {age_text(rpo)}")
     elif t.drill:
-        row.add(AMBER, f"drill overdue: none in the last {2 * fc.drill_max_days:g} days", f"drill-overdue:{k}")
+        row.add(AMBER, f"drill overdue: none in the last {fc.drill_max_days + 7:g} days", f"drill-overdue:{k}")
 
     # open recoveries: what they wait for, and a link
     for run in facts.open_runs.get(k, []):
@@ -522,13 +554,14 @@ def evaluate(config: DrConfig, t: Target, facts: Facts, now: datetime, ui: str |
                "state": run.state.name if run.state else "?", "waiting_for": _waiting_for(run),
                "since": since.isoformat(), "link": ui_link(run.id, ui)}
         row.recoveries.append(rec)
-        if _state(run) == "PAUSED" and waited > t.approval_timeout_minutes * 60:
+        timeout = ((run.parameters or {}).get("approval_timeout_minutes") or t.approval_timeout_minutes) * 60
+        if _state(run) == "PAUSED" and waited > timeout:
             row.add(RED, f"{rec['flow']} run {run.name} has been {rec['waiting_for']} for {age_text(waited)} "
-                         f"(approval timeout {age_text(t.approval_timeout_minutes * 60)}): {rec['link']}",
-                    f"recovery-waiting:{run.id}")
+                         f"(approval timeout {age_text(timeout)}): {rec['link']}", f"recovery-waiting:{run.id}")
         else:
-            row.add(AMBER, f"recovery in progress: {rec['flow']} run {run.name} {rec['state']}, "
-                           f"{rec['waiting_for']} since {_when(since)}")
+            waiting = "" if rec["waiting_for"] == "running" else f", {rec['waiting_for']}"
+            row.add(AMBER, f"recovery in progress: {rec['flow']} run {run.name} {rec['state']}{waiting} "
+                           f"since {_when(since)}")
 
     row.findings.sort(key=lambda f: -_RANK[f.level])
     row.status = row.findings[0].level if row.findings else GREEN
@@ -576,4 +609,4 @@ def build_board(config: DrConfig, *, service: str | None = None, now: datetime |
     facts = gather(config, targets, now, service)
     ui = ui_base()
     rows = [evaluate(config, t, facts, now, ui) for t in targets]
-    return Board(now, time.monotonic() - started, rows, facts.requests)
+    return Board(now, time.monotonic() - started, rows, facts.requests, facts.seconds)

@@ -247,11 +247,19 @@ async def _register(spec: FleetSpec, *, prune: bool, concurrency: int) -> Deploy
                     if run is not None:
                         report.kept[name] = (f"its run {run.name} ({run.id}) is "
                                              f"{run.state.name if run.state else 'in progress'}")
-                await asyncio.gather(*(limited(client.delete_deployment(dep.id))
-                                       for name, dep in stale.items() if name not in report.kept))
+                await _delete(client, [dep.id for name, dep in stale.items() if name not in report.kept])
                 report.pruned = [n for n in stale if n not in report.kept]
     report.seconds = time.monotonic() - started
     return report
+
+
+async def _delete(client: Any, ids: list[UUID]) -> None:
+    """Delete deployments, 50 a request (the server's bulk limit)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    for i in range(0, len(ids), 50):
+        body = DeploymentFilter(id=DeploymentFilterId(any_=ids[i:i + 50])).model_dump(mode="json", exclude_unset=True)
+        await client.request("POST", "/deployments/bulk_delete", json={"deployments": body, "limit": 50})
 
 
 def remove_fleet(tag: str) -> list[str]:
@@ -264,7 +272,7 @@ def remove_fleet(tag: str) -> list[str]:
         async with get_client() as client:
             deps = await _paged(client.read_deployments,
                                 deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[tag])))
-            await asyncio.gather(*(client.delete_deployment(d.id) for d in deps))
+            await _delete(client, [d.id for d in deps])
             return [str(d.id) for d in deps]
 
     return asyncio.run(go())

@@ -172,6 +172,10 @@ def test_zombie_runs_automation_is_registered_once():
 
     from deployments.automations import ZOMBIE_AUTOMATION, ensure_automations
 
+    try:  # another module's `dr deploy` may have registered it on this session's server already
+        Automation.read(name=ZOMBIE_AUTOMATION).delete()
+    except ValueError:
+        pass
     assert ensure_automations(heartbeat_seconds=60) == [ZOMBIE_AUTOMATION]
     assert ensure_automations(heartbeat_seconds=60) == []
     a = Automation.read(name=ZOMBIE_AUTOMATION)

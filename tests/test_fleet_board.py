@@ -265,3 +265,39 @@ class TestAlerts:
             assert check() == []
         finally:
             hook.close()
+
+
+class TestAlertDelivery:
+    def test_a_notice_a_channel_refused_is_sent_again_at_the_next_check(self, fleet, board, monkeypatch):
+        """A Slack webhook down for one check: the problem is not recorded as told, and is told next time."""
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from dr.fleet.alerts import check
+
+        answers, bodies = [500, 200, 200], []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                bodies.append(json.loads(self.rfile.read(int(self.headers.get("content-length") or 0))))
+                self.send_response(answers.pop(0) if answers else 200)
+                self.end_headers()
+
+            def log_message(self, *a) -> None:
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        monkeypatch.setenv(SLACK_ENV, f"http://127.0.0.1:{httpd.server_address[1]}/hook")
+        try:
+            only_qa = type(board)(board.built_at, board.seconds, [board.row("board", "qa")])
+            outcome, open_now = check(fleet["config"], only_qa, {})
+            assert [p.key for p in outcome.unsent] == ["backup-stale:board-qa"] and not outcome.opened
+            assert "backup-stale:board-qa" not in {p.key for p in open_now}  # not recorded as told
+            outcome, open_now = check(fleet["config"], only_qa, {p.key: p for p in open_now})
+            assert [p.key for p in outcome.opened] == ["backup-stale:board-qa"] and not outcome.unsent
+            outcome, _ = check(fleet["config"], only_qa, {p.key: p for p in open_now})
+            assert not outcome.opened and outcome.messages == 0
+            assert len(bodies) == 2 and all(b["text"].startswith("[dr] DR PROBLEM: board qa") for b in bodies)
+        finally:
+            httpd.shutdown()

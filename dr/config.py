@@ -13,6 +13,7 @@ Bad configuration fails at load with a `ConfigError` naming the file and the fie
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -278,19 +279,32 @@ class FleetSettings(_Strict):
         return v
 
 
-def clock_change_times(zone: str, hh_mm: str) -> str | None:
-    """Why local time `HH:MM` is unsafe for a daily schedule in `zone` (skipped or repeated on a clock change)."""
+@functools.lru_cache(maxsize=32)
+def _clock_change_days(zone: str) -> tuple[Any, ...]:
+    """The days of this year and next on which `zone`'s UTC offset changes."""
     from datetime import datetime, timedelta
 
-    tz, (h, m) = ZoneInfo(zone), map(int, hh_mm.split(":"))
-    day = datetime(datetime.now().year, 1, 1)
+    tz, day, out = ZoneInfo(zone), datetime(datetime.now().year, 1, 1), []
+    before = day.replace(tzinfo=tz).utcoffset()
     for _ in range(2 * 366):
+        day += timedelta(days=1)
+        now = day.replace(tzinfo=tz).utcoffset()
+        if now != before:
+            out.append(day - timedelta(days=1))  # the change happened during the day before this midnight
+        before = now
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def clock_change_times(zone: str, hh_mm: str) -> str | None:
+    """Why local time `HH:MM` is unsafe for a daily schedule in `zone` (skipped or repeated on a clock change)."""
+    tz, (h, m) = ZoneInfo(zone), map(int, hh_mm.split(":"))
+    for day in _clock_change_days(zone):
         t = day.replace(hour=h, minute=m)
         a, b = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
         if a.utcoffset() != b.utcoffset():
             exists = a.astimezone(ZoneInfo("UTC")).astimezone(tz).replace(tzinfo=None) == t
             return f"{hh_mm} {'happens twice' if exists else 'does not exist'} on {day:%Y-%m-%d} in {zone}"
-        day += timedelta(days=1)
     return None
 
 

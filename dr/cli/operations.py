@@ -79,32 +79,6 @@ def worker_start_cmd(pool: str = typer.Option("dr", help="The work pool (created
     _run(body)
 
 
-@app.command("deploy")
-def deploy_cmd(name: Optional[list[str]] = typer.Option(None, "--name", "-n", help=(
-                   "Only this deployment, `<flow>/<deployment>` (repeatable; default: every one in prefect.yaml).")),
-               heartbeat_seconds: int = typer.Option(60, help="The workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY."),
-               config: Optional[str] = ConfigOpt) -> None:
-    """Register the deployments of prefect.yaml, the work pool `dr` and the automations (`prefect deploy`)."""
-
-    def body() -> None:
-        from deployments import stack
-        from deployments.automations import ensure_automations
-        from dr.notify import webhook_urls
-
-        api = _api_url_or_fail()
-        if not stack.api_healthy(api):
-            raise stack.PrefectStackError(f"no Prefect server answers at {api}")
-        cfg = load_config(config)
-        if stack.ensure_work_pool(api):
-            output.say(f"work pool {stack.POOL} created (process)")
-        stack.deploy(api, name or None)
-        output.say("deployments on the server: " + ", ".join(stack.list_deployments(api)))
-        made = ensure_automations(heartbeat_seconds, webhooks=webhook_urls(cfg), api_url=api)
-        output.say("automations created: " + ", ".join(made) if made else "automations already registered")
-
-    _run(body)
-
-
 @app.command("alerts")
 def alerts_cmd(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
                port: int = typer.Option(8787, help="Port to listen on."),

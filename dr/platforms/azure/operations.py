@@ -1,0 +1,159 @@
+"""Long-running server operations: started, recorded at once, waited for with a deadline, re-attached to.
+
+Creating, deleting or starting a flexible server is a long-running operation. Its
+continuation token is written to `azure-operations.json` (`_state.OperationLog`) as soon
+as Azure accepts it, and every operation waits with a stated timeout, logging its progress:
+`OperationTimedOut` leaves the operation running and recorded, and making the same request
+again re-attaches to it instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from azure.core.polling import LROPoller
+from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
+
+from dr.errors import DrError, OperationTimedOut, ServerExists, ServerNotFound
+from dr.platforms.azure._arm import SDK_ERRORS, arm_error, utcnow
+from dr.platforms.azure._state import OperationLog
+
+log = logging.getLogger("dr.azure.servers")
+
+#: A recorded operation for other parameters older than this is taken as abandoned.
+STALE_OPERATION = timedelta(days=1)
+
+
+class ServerOperations:
+    """The long-running operations on the servers of one resource group.
+
+    Args:
+        client: the management client.
+        resource_group: the resource group of the servers.
+        resource_id: the ARM resource id of a server, by name.
+        records: where the continuation tokens are kept.
+        progress_interval: seconds between two progress log lines while waiting.
+    """
+
+    def __init__(self, client: PostgreSQLManagementClient, resource_group: str, resource_id: Callable[[str], str],
+                 records: OperationLog, *, progress_interval: float = 30.0):
+        self.client = client
+        self.resource_group = resource_group
+        self.resource_id = resource_id
+        self.records = records
+        self.progress_interval = progress_interval
+
+    def _error(self, exc: Exception, *, server: str | None, doing: str) -> DrError:
+        return arm_error(exc, server=server, doing=doing, resource_group=self.resource_group)
+
+    def wait(self, poller: LROPoller, *, what: str, server: str, timeout: float) -> Any:
+        """Wait for an operation with a deadline, logging progress; raises our errors."""
+        start = time.monotonic()
+        deadline = start + timeout
+        try:
+            while not poller.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise OperationTimedOut(
+                        f"{what} did not finish within {timeout:g} s (Azure status: {poller.status()})",
+                        server=server,
+                        world_state=f"Azure is still working on it; the operation is recorded in "
+                                    f"{self.records.path}",
+                        resume_hint="run the same command again: it re-attaches to the running operation",
+                    )
+                poller.wait(min(remaining, self.progress_interval))
+                if not poller.done():
+                    log.info("%s: still %s after %.0f s (timeout %.0f s)", what, poller.status(),
+                             time.monotonic() - start, timeout)
+            return poller.result()
+        except SDK_ERRORS as exc:
+            raise self._error(exc, server=server, doing=what) from exc
+
+    def record(self, name: str, poller: LROPoller, operation: str, fingerprint: dict[str, Any]) -> None:
+        """Write the operation's continuation token down (at once, before waiting for it)."""
+        self.records.put(self.resource_id(name), {
+            "operation": operation,
+            "fingerprint": fingerprint,
+            "server": name,
+            "token": poller.continuation_token(),
+            "started_at": utcnow().isoformat(),
+        })
+
+    def recorded(self, name: str) -> dict[str, Any] | None:
+        """The recorded unfinished operation on a server, if any."""
+        return self.records.get(self.resource_id(name))
+
+    def forget(self, name: str) -> None:
+        """Drop the record of a server's operation (finished, failed or superseded)."""
+        self.records.remove(self.resource_id(name))
+
+    def reattach(self, name: str, operation: str, fingerprint: dict[str, Any]) -> LROPoller | None:
+        """The poller of a recorded operation for the same request, or None when there is none.
+
+        Raises:
+            ServerExists: a recent operation for OTHER parameters is recorded for this server.
+        """
+        entry = self.recorded(name)
+        if not entry:
+            return None
+        if entry.get("operation") != operation or entry.get("fingerprint") != fingerprint:
+            started = datetime.fromisoformat(entry["started_at"])
+            if utcnow() - started > STALE_OPERATION:
+                log.warning("forgetting the %s of %s recorded at %s: it is older than %s", entry.get("operation"),
+                            name, entry["started_at"], STALE_OPERATION)
+                self.forget(name)
+                return None
+            raise ServerExists(
+                f"server '{name}' has another unfinished operation ({entry.get('operation')} "
+                f"{entry.get('fingerprint')}, started {entry['started_at']})",
+                server=name, world_state=f"that operation is recorded in {self.records.path}",
+                resume_hint="re-run the command that started it, or choose another server name")
+        log.info("re-attaching to the %s of %s started at %s", operation, name, entry["started_at"])
+        try:
+            if operation == "delete":
+                return self.client.servers.begin_delete(self.resource_group, name, continuation_token=entry["token"])
+            return self.client.servers.begin_create_or_update(self.resource_group, name, {},
+                                                              continuation_token=entry["token"])
+        except (*SDK_ERRORS, ValueError) as exc:
+            log.warning("cannot re-attach to the recorded %s of %s (%s); forgetting it", operation, name, exc)
+            self.forget(name)
+            return None
+
+    def finish_recorded(self, name: str, operation: str, fingerprint: dict[str, Any], what: str,
+                        timeout: float) -> bool:
+        """Re-attach to and finish a recorded operation; False when there was none to finish."""
+        poller = self.reattach(name, operation, fingerprint)
+        if poller is None:
+            return False
+        try:
+            self.finish(name, poller, what=what, timeout=timeout)
+        except ServerNotFound:
+            # the operation's status URL is gone (expired): fall back to looking at the server
+            log.warning("the recorded %s of %s is no longer known to Azure; forgot it", operation, name)
+            return False
+        return True
+
+    def start(self, name: str, begin: Callable[[], LROPoller], *, operation: str, fingerprint: dict[str, Any],
+              what: str) -> LROPoller:
+        """Ask Azure to start an operation and record it as soon as it is accepted."""
+        try:
+            poller = begin()
+        except SDK_ERRORS as exc:
+            raise self._error(exc, server=name, doing=what) from exc
+        self.record(name, poller, operation, fingerprint)
+        return poller
+
+    def finish(self, name: str, poller: LROPoller, *, what: str, timeout: float) -> Any:
+        """Wait for a started operation; its record is kept only when it is still running (timed out)."""
+        try:
+            result = self.wait(poller, what=what, server=name, timeout=timeout)
+        except OperationTimedOut:
+            raise
+        except DrError:
+            self.forget(name)
+            raise
+        self.forget(name)
+        return result

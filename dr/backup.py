@@ -1,6 +1,8 @@
 """Taking a backup: `pg_dump` streamed straight into the store, with a same-snapshot manifest.
 
-1. Open a repeatable-read transaction and export its snapshot.
+1. Read the database's identity and write fingerprint (`dr.database.write_fingerprint`; they let
+   tidy-up prove later that this backup holds a replaced database exactly), then open a
+   repeatable-read transaction and export its snapshot.
 2. Start `pg_dump --snapshot=<it>` writing to a pipe; stream its output into a staged upload,
    compressing it with zstd on the way for the `custom-zstd` format (the default).
    A custom-format dump also carries the optimizer statistics (pg_dump 18+).
@@ -21,7 +23,7 @@ from typing import Any
 import zstandard
 
 from dr.commands import PgTools, passfile_env
-from dr.database import SnapshotSession, connect
+from dr.database import SnapshotSession, connect, database_identity, write_fingerprint
 from dr.errors import BackupError, CommandError, InvalidInput
 from dr.platforms.base import BackupInfo, BackupStore, ServerPlatform
 from dr.progress import Progress, ProgressHook
@@ -133,6 +135,9 @@ def take_backup(
     conn = servers.connection(server, database)
     with connect(conn) as c:
         db_bytes = c.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        # which database this is and its write fingerprint, read BEFORE the snapshot: tidy-up drops a
+        # database a restore replaced only when a backup of exactly it, unwritten since, exists
+        identity, writes = database_identity(c), write_fingerprint(c)
 
     with store.writer(name) as writer:  # raises BackupExists before pg_dump starts
         snap = SnapshotSession(conn)
@@ -173,6 +178,7 @@ def take_backup(
                 raise BackupError(f"could not read the manifest of {database}: {manifest_error[0]}",
                                   backup=name) from manifest_error[0]
             progress.report()
+            manifest.update(identity=identity, writes=writes)
             finished = datetime.now(timezone.utc)
             info = writer.commit(BackupInfo(
                 name=name, size=0, complete=True, created_at=started, finished_at=finished, kind=kind, format=fmt,

@@ -10,7 +10,7 @@ import re
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -200,24 +200,155 @@ def free_database_name(conn: ConnInfo, name: str) -> str:
     return candidate
 
 
-def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5) -> str | None:
+# --- what a backup holds: identity and write fingerprint -------------------------------------
+#
+# A database that a restore replaced may be dropped only when a backup provably holds it: a
+# backup taken of exactly that database (same server, same database OID, same cluster) with no
+# write to it since. "No write since" is proved by a fingerprint read just BEFORE the backup's
+# snapshot and again, with every other session ended, when it matters: every table's file
+# identity (TRUNCATE, VACUUM FULL, CLUSTER and rewrites give a new relfilenode) and its
+# insert/update/delete counters, every sequence's value, and the cumulative statistics' reset
+# time. Reading it before the snapshot errs only on the safe side (a write committed in between
+# is in the backup AND moves a counter); a write after the snapshot moves a counter at the
+# latest when its session ends, which the checks force. Planner statistics (ANALYZE,
+# autovacuum) and shared catalogs (database comments, ALLOW_CONNECTIONS) are left out: they
+# change no content. Anything the fingerprint cannot vouch for (counters off, statistics reset,
+# a crash that discarded them) compares unequal, so the database is kept.
+
+_FINGERPRINT_TABLES = """
+SELECT c.oid::bigint, n.nspname || '.' || c.relname, pg_relation_filenode(c.oid)::bigint,
+       coalesce(s.n_tup_ins, -1), coalesce(s.n_tup_upd, -1), coalesce(s.n_tup_del, -1)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE c.relkind IN ('r', 'm') AND NOT c.relisshared AND c.relpersistence <> 't'
+  AND c.oid NOT IN ('pg_catalog.pg_statistic'::regclass, 'pg_catalog.pg_statistic_ext_data'::regclass)
+ORDER BY 1
+"""
+
+
+def database_identity(c: psycopg.Connection) -> dict[str, Any]:
+    """Which database this is, across renames: its OID and its cluster's system identifier."""
+    oid = c.execute("SELECT oid::bigint FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    try:
+        sysid = str(c.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+    except psycopg.Error:  # not granted: the OID and the server's name still identify it
+        sysid = None
+    return {"database_oid": oid, "system_identifier": sysid}
+
+
+def write_fingerprint(c: psycopg.Connection) -> dict[str, Any] | None:
+    """What changes whenever the database's content is written (see above); None when it cannot
+    be read honestly (statistics counters off). `c` must be in autocommit mode."""
+    if c.execute("SELECT current_setting('track_counts')").fetchone()[0] != "on":
+        return None
+    c.execute("SELECT pg_stat_clear_snapshot()")  # this transaction's statistics are read fresh
+    reset = c.execute("SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    return {
+        "stats_reset": reset[0].isoformat() if reset and reset[0] else None,
+        "tables": [list(r) for r in c.execute(_FINGERPRINT_TABLES).fetchall()],
+        "sequences": [list(r) for r in c.execute(
+            "SELECT schemaname || '.' || sequencename, last_value FROM pg_sequences ORDER BY 1").fetchall()],
+    }
+
+
+def held_by(backup: Any, server: str, identity: dict[str, Any], fingerprint: dict[str, Any] | None) -> str | None:
+    """None when `backup` (a `BackupInfo`) holds exactly this database as it is now; else why not."""
+    m = backup.manifest or {}
+    if not backup.complete:
+        return f"backup {backup.name} is incomplete"
+    if backup.source_server != server or m.get("identity") is None:
+        return f"backup {backup.name} was not taken of this database"
+    theirs, ours = m["identity"], identity
+    if theirs.get("database_oid") != ours.get("database_oid") or (
+            theirs.get("system_identifier") and ours.get("system_identifier")
+            and theirs["system_identifier"] != ours["system_identifier"]):
+        return f"backup {backup.name} was taken of another database"
+    if fingerprint is None or m.get("writes") is None:
+        return "its writes cannot be traced (statistics counters are off)"
+    if m["writes"] != fingerprint:
+        return f"it was written to (or its statistics were reset) after backup {backup.name} was taken"
+    return None
+
+
+def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any], dict[str, Any] | None], str | None]) -> str | None:
+    """Drop `database` only if `check(identity, fingerprint)`, read while it has no other session, finds nothing wrong.
+
+    Connections are refused and every other session is ended first (their statistics are then
+    flushed), and the database is dropped before anyone could connect again. Returns None when
+    it was dropped, else `check`'s reason (the database is left as it was, accepting connections).
+    """
+    admin = conn.with_db("postgres")
+    with connect(admin) as c:
+        probe = psycopg.connect(**conn.with_db(database).psycopg_kwargs(), autocommit=True)
+        dropped = False
+        try:
+            c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(database)))
+            _end_other_sessions(c, database, keep=probe.info.backend_pid)
+            why = check(database_identity(probe), write_fingerprint(probe))
+            probe.close()
+            if why is None:
+                c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database)))
+                dropped = True
+            return why
+        finally:
+            if not probe.closed:
+                probe.close()
+            if not dropped:
+                c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(database)))
+
+
+def _end_other_sessions(c: psycopg.Connection, database: str, keep: int, timeout: float = 30.0) -> None:
+    """End every session of `database` but `keep` and wait until they are gone (their statistics flushed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = c.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid NOT IN (pg_backend_pid(), %s)", (database, keep)).fetchone()[0]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RestoreError(f"sessions of {database} did not end within {timeout:.0f} s", database=database)
+        time.sleep(0.05)
+
+
+def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5,
+                   safety_backup: Any = None, server: str | None = None) -> tuple[str | None, str]:
     """Make `new` the live database in one transaction; the old one is kept as `replaced`.
 
     Connections to the live database are refused and ended first. If anything fails,
     the live database is left as it was (renamed back by the transaction's rollback,
-    connections allowed again). Returns the name the old database now has, or None when
-    there was no live database (a recreated server).
+    connections allowed again).
+
+    Args:
+        safety_backup: the `BackupInfo` of the backup taken of the live database before the
+            restore. With every session ended, the live database is compared with it (identity
+            and write fingerprint); the verdict is recorded in the kept database's comment,
+            where tidy-up reads it.
+        server: the server's name, as the backup recorded it (needed with `safety_backup`).
+
+    Returns:
+        The name the old database now has (None when there was no live database: a recreated
+        server), and the verdict on what holds it ("held by backup ..." or why nothing does).
     """
     admin = conn.with_db("postgres")
+    verdict = "no backup of it was taken before the restore"
     with connect(admin) as c:
         has_live = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone() is not None
         if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
         replaced = free_database_name(admin, replaced)  # a restore earlier in the same second may hold the name
         swapped = False
+        probe = psycopg.connect(**conn.with_db(live).psycopg_kwargs(), autocommit=True) if (
+            has_live and safety_backup is not None) else None
         if has_live:
             c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
         try:
+            if probe is not None:
+                # the live database as it is swapped out, with no session left to write to it
+                _end_other_sessions(c, live, keep=probe.info.backend_pid)
+                why = held_by(safety_backup, server or "", database_identity(probe), write_fingerprint(probe))
+                probe.close()
+                verdict = (f"held by backup {safety_backup.name} sha256={safety_backup.sha256}" if why is None
+                           else f"not held by backup {safety_backup.name}: {why}")
             last: Exception | None = None
             for attempt in range(attempts):
                 try:
@@ -237,16 +368,16 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                 raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
                                    database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
         finally:
+            if probe is not None and not probe.closed:
+                probe.close()
             # the old database accepts connections again: live again after a failure, kept for reconciliation after
             # the swap (its name is known from the outcome, not guessed from what exists)
             if has_live:
                 c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
                     sql.Identifier(replaced if swapped else live)))
     if has_live:
-        with connect(admin) as c:
-            c.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                sql.Identifier(replaced), sql.Literal(f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}")))
-    return replaced if has_live else None
+        set_database_comment(admin, replaced, f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}; {verdict}")
+    return (replaced if has_live else None), verdict
 
 
 REPLACED_COMMENT = "dr: replaced by a restore at "

@@ -189,11 +189,16 @@ def data_loss(
             record.decisions.append(decision.line())
 
             with timeline.step("restore into the live server") as ev:
-                res = restore_backup_task(ref, backup=ptr_backup.name, jobs=2)
-                ev.detail = ("already done" if res.already_done else
-                             f"swapped in; flawed database kept as {res.replaced_database}")
+                res = restore_backup_task(ref, backup=ptr_backup.name, jobs=2, incident=incident,
+                                          safety_backup=safety.name)
+                if res.skipped:
+                    ev.outcome, ev.detail = "skipped", res.skipped
+                    record.facts["restore skipped"] = res.skipped
+                else:
+                    ev.detail = f"swapped in; flawed database kept as {res.replaced_database} ({res.replaced_held_by})"
                 if res.replaced_database:
-                    record.left_to_tidy.append(f"database {res.replaced_database} on {t.server} (after reconciliation)")
+                    record.left_to_tidy.append(f"database {res.replaced_database} on {t.server} (after reconciliation; "
+                                               f"{res.replaced_held_by})")
                 state = (f"the live database holds the restored data (as at {when:%H:%M:%S} UTC); maintenance page on; "
                          f"PTR server {ptr.name} still exists")
 

@@ -70,12 +70,16 @@ def restore_database(
             safety = backup_database_task(ref, kind="pre-restore-safety", server=server, database=database).info.name
             log.info("safety backup of the live database: %s", safety)
         try:
-            result = restore_backup_task(ref, backup=info.name, server=server, database=target_db, jobs=jobs)
+            result = restore_backup_task(ref, backup=info.name, server=server, database=target_db, jobs=jobs,
+                                         safety_backup=safety)
         except DrError as exc:
             raise exc.annotate(step="restore", world_state="unknown; check the server's databases",
                                resume_hint=f"dr restore --service {service} --env {environment} --backup {info.name}")
         # the manifest check already counted every row of the restored database (a full read of it)
         counts = result.rows if result.rows is not None else table_counts(ref, server=server, database=database)
+    if result.skipped:
+        log.warning("restore skipped: %s", result.skipped)
     return {"backup": info.name, "database": result.database, "replaced_database": result.replaced_database,
-            "safety_backup": safety, "verified_manifest": result.verified_manifest, "seconds": result.seconds,
-            "already_done": result.already_done, "rows": counts}
+            "replaced_held_by": result.replaced_held_by, "safety_backup": safety,
+            "verified_manifest": result.verified_manifest, "seconds": result.seconds,
+            "already_done": result.already_done, "skipped": result.skipped, "rows": counts}

@@ -169,8 +169,12 @@ def server_loss(
                     info = find_backup(ref, name=backup, kinds=None if backup else NIGHTLY_KINDS)
                     restored_backup = info.name
                     record.last_backup = info.finished_at or info.created_at
-                    res = restore_backup_task(ref, backup=info.name, jobs=2)
-                    ev.detail = f"{info.name} ({'already restored' if res.already_done else 'restored and verified'})"
+                    res = restore_backup_task(ref, backup=info.name, jobs=2, incident=incident)
+                    if res.skipped:
+                        ev.outcome, ev.detail = "skipped", res.skipped
+                        record.facts["restore skipped"] = res.skipped
+                    else:
+                        ev.detail = f"{info.name} restored and verified"
                     state = f"server {t.server} recreated and holds backup {info.name}; maintenance page on"
             elif how == "geo-restored":
                 record.facts["data loss"] = ("what was not yet geo-replicated: Azure copies backups to the paired "

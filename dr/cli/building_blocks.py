@@ -47,9 +47,12 @@ def restore_cmd(service: Optional[str] = ServiceOpt, env: Optional[str] = EnvOpt
         _, s, e, path = _ctx(config, service, env)
         r = restore_database(s, e, backup=backup, server=server, database=database, jobs=jobs,
                              safety_backup=not no_safety_backup, config_path=path)
+        if r["skipped"]:
+            output.say(f"restore skipped: {r['skipped']}")
+            return
         output.kv({"restored": r["backup"], "into": r["database"], "previous database kept as": r["replaced_database"],
-                   "safety backup": r["safety_backup"], "manifest verified": r["verified_manifest"],
-                   "took": f"{r['seconds']:.1f} s"})
+                   "held by": r["replaced_held_by"], "safety backup": r["safety_backup"],
+                   "manifest verified": r["verified_manifest"], "took": f"{r['seconds']:.1f} s"})
 
     _run(body)
 

@@ -73,9 +73,63 @@ def set_database_comment(conn: ConnInfo, name: str, comment: str) -> None:
 
 
 def drop_database(conn: ConnInfo, name: str) -> None:
-    """Drop a database, ending its sessions first (idempotent)."""
+    """Drop a database, ending its sessions first (idempotent).
+
+    Raises:
+        RestoreError: a superuser's session is in it and the connected role is not one (Azure: its
+            own `azuresu`), so it cannot be ended; nothing was dropped.
+    """
     with connect(conn.with_db("postgres")) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        try:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise RestoreError(f"cannot drop {name}: {_unendable(c, name) or exc.diag.message_primary}",
+                               database=name, world_state=f"{name} was not dropped",
+                               resume_hint="run the same command again once that session has gone") from exc
+
+
+#: the other sessions of a database, and whether the connected role may end them: one that is not
+#: a superuser cannot end a superuser's session (on Azure, the service's own `azuresu`)
+_OTHER_SESSIONS = """
+SELECT a.pid, a.usename, coalesce(r.rolsuper, false) AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
+WHERE a.datname = %s AND a.pid <> pg_backend_pid() AND a.pid <> ALL(%s)
+"""
+
+
+def _unendable(c: psycopg.Connection, database: str, keep: list[int] | None = None) -> str | None:
+    """Why sessions of `database` cannot be ended by the connected role (None when they all can)."""
+    roles = sorted({user for _, user, protected in c.execute(_OTHER_SESSIONS, (database, keep or [])) if protected})
+    if not roles:
+        return None
+    me = c.execute("SELECT current_user").fetchone()[0]
+    return (f"a session of superuser {', '.join(repr(r) for r in roles)} is connected to {database}, and ending it "
+            f"needs SUPERUSER, which '{me}' does not have (Azure gives no one SUPERUSER: such sessions are Azure's "
+            "own maintenance and end by themselves)")
+
+
+def swap_refusal(conn: ConnInfo, live: str) -> str | None:
+    """Why the connected role could not swap a restored database in for `live` (None: it can).
+
+    Renaming a database, and refusing connections to it, are for its owner (a role with the
+    owner's privileges) with CREATEDB. On Azure the administrator is no superuser: a database
+    made by another role must be granted to it first.
+    """
+    with connect(conn.with_db("postgres")) as c:
+        row = c.execute(
+            "SELECT pg_get_userbyid(d.datdba), current_user, pg_has_role(current_user, d.datdba, 'USAGE'), "
+            "r.rolcreatedb OR r.rolsuper FROM pg_database d, pg_roles r "
+            "WHERE d.datname = %s AND r.rolname = current_user", (live,)).fetchone()
+    if row is None:
+        return None
+    owner, me, owns, createdb = row
+    if not owns:
+        return (f"the live database {live} belongs to '{owner}', and '{me}' does not have that role's privileges, which "
+                f"renaming it for the swap needs (there is no superuser to do it on Azure); as '{me}', run "
+                f"GRANT {owner} TO {me}")
+    if not createdb:
+        return f"renaming {live} for the swap needs CREATEDB, which '{me}' does not have"
+    return None
 
 
 # --- manifests ---------------------------------------------------------------------------
@@ -297,16 +351,23 @@ def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any],
                 c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(database)))
 
 
-def _end_other_sessions(c: psycopg.Connection, database: str, keep: int, timeout: float = 30.0) -> None:
-    """End every session of `database` but `keep` and wait until they are gone (their statistics flushed)."""
+def _end_other_sessions(c: psycopg.Connection, database: str, keep: int | None = None,
+                        timeout: float = 30.0) -> None:
+    """End every session of `database` but `keep` and wait until they are gone (their statistics flushed).
+
+    A session the connected role may not end (a superuser's) is waited for until `timeout`, then refused.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        left = c.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                         "WHERE datname = %s AND pid NOT IN (pg_backend_pid(), %s)", (database, keep)).fetchone()[0]
+        others = [] if keep is None else [keep]
+        left = c.execute("SELECT count(*), count(pg_terminate_backend(pid)) FILTER (WHERE NOT protected) FROM ("
+                         + _OTHER_SESSIONS + ") s(pid, usename, protected)", (database, others)).fetchone()[0]
         if not left:
             return
         if time.monotonic() > deadline:
-            raise RestoreError(f"sessions of {database} did not end within {timeout:.0f} s", database=database)
+            why = _unendable(c, database, others)
+            raise RestoreError(f"sessions of {database} did not end within {timeout:.0f} s" + (f": {why}" if why else ""),
+                               database=database)
         time.sleep(0.05)
 
 
@@ -342,9 +403,12 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
         if has_live:
             c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
         try:
+            if has_live:
+                # no session left to write to it (a superuser's, which Azure's admin cannot end, is waited for)
+                _end_other_sessions(c, live, keep=probe.info.backend_pid if probe is not None else None,
+                                    timeout=SWAP_SESSION_WAIT)
             if probe is not None:
-                # the live database as it is swapped out, with no session left to write to it
-                _end_other_sessions(c, live, keep=probe.info.backend_pid)
+                # the live database as it is swapped out
                 why = held_by(safety_backup, server or "", database_identity(probe), write_fingerprint(probe))
                 probe.close()
                 verdict = (f"held by backup {safety_backup.name} sha256={safety_backup.sha256}" if why is None
@@ -354,8 +418,8 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                 try:
                     with c.transaction():
                         if has_live:
-                            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                      "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
+                            c.execute("SELECT pg_terminate_backend(pid) FROM (" + _OTHER_SESSIONS
+                                      + ") s(pid, usename, protected) WHERE NOT protected", (live, []))
                             time.sleep(0.2 * (attempt + 1))
                             c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(replaced)))
                         c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
@@ -367,6 +431,9 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
             else:
                 raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
                                    database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
+        except RestoreError as exc:
+            raise exc.annotate(world_state=f"{live} is unchanged; {new} holds the restored data",
+                               resume_hint="run the same command again once those sessions have gone")
         finally:
             if probe is not None and not probe.closed:
                 probe.close()
@@ -381,4 +448,6 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
 
 
 REPLACED_COMMENT = "dr: replaced by a restore at "
+#: how long a swap waits for sessions of the live database it may not end (a superuser's) before it refuses
+SWAP_SESSION_WAIT = 10.0
 SAFE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

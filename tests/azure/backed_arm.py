@@ -170,23 +170,75 @@ class BackedArm(FakeArm):
     # --- what a server is made of -------------------------------------------------------
 
     def azurify(self, name: str, password: str | None = None) -> None:
-        """TLS on and the administrator login, as every Azure server has them (idempotent)."""
+        """TLS on and the administrator login, as every Azure server has them (idempotent).
+
+        The administrator is what Azure makes (docs: "server admin user ... LOGIN, NOSUPERUSER,
+        INHERIT, CREATEDB, CREATEROLE, REPLICATION", member of `azure_pg_admin`): no superuser;
+        `azure_pg_admin` is a member of `pg_monitor` and `pg_signal_backend`, so the admin can
+        end other roles' sessions, but not a superuser's. The local platform's own superuser
+        (`dradmin`) plays Azure's `azuresu`, which only Microsoft uses. As on Azure, schema
+        `public` of the template databases belongs to `azure_pg_admin`, so a database the
+        admin creates is one it can create tables in.
+        """
         data = self.local.servers_dir / name / "data"
         for src, dst in ((self.cert_file, "server.crt"), (self.key_file, "server.key")):
             shutil.copyfile(src, data / dst)
             (data / dst).chmod(0o600)
             self.local._chown(data / dst)
+        admin = sql.Identifier(self.admin_user)
         with psycopg.connect(**self.local.connection(name, "postgres").psycopg_kwargs(), autocommit=True) as c:
             c.execute("ALTER SYSTEM SET ssl = on")
             c.execute("SELECT pg_reload_conf()")
+            if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = 'azure_pg_admin'").fetchone():
+                c.execute("CREATE ROLE azure_pg_admin NOLOGIN")
+            c.execute("GRANT pg_monitor, pg_signal_backend TO azure_pg_admin")
             exists = c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.admin_user,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
-            c.execute(sql.SQL(verb + " ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
-                sql.Identifier(self.admin_user), sql.Literal(password or self.admin_password)))
+            c.execute(sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER INHERIT CREATEDB CREATEROLE REPLICATION NOBYPASSRLS "
+                              "PASSWORD {}").format(admin, sql.Literal(password or self.admin_password)))
+            c.execute(sql.SQL("GRANT azure_pg_admin TO {}").format(admin))
+            for template in ("template1", "postgres"):
+                with psycopg.connect(**self.local.connection(name, template).psycopg_kwargs(), autocommit=True) as t:
+                    t.execute("ALTER SCHEMA public OWNER TO azure_pg_admin")
 
-    def attach(self, sub: str, rg: str, name: str, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
-        """Publish an existing cluster of `local` as an ARM server (the environment's live server)."""
+    def hand_over(self, name: str, database: str) -> None:
+        """Make the admin own `database` and everything in it, as when it was made through the admin.
+
+        (The local platform made it as its superuser; on Azure the service's database is made by
+        the admin or the app, never by a superuser.)
+        """
+        admin = sql.Identifier(self.admin_user)
+        with psycopg.connect(**self.local.connection(name, "postgres").psycopg_kwargs(), autocommit=True) as c:
+            c.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), admin))
+        with psycopg.connect(**self.local.connection(name, database).psycopg_kwargs(), autocommit=True) as c:
+            c.execute("ALTER SCHEMA public OWNER TO azure_pg_admin")
+            objects = c.execute(
+                "SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' "
+                "WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END, n.nspname, c.relname "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('r','p','v','m','S') AND n.nspname NOT IN ('pg_catalog','information_schema') "
+                "AND n.nspname NOT LIKE 'pg_toast%%' AND NOT EXISTS (SELECT 1 FROM pg_depend d "  # owned sequences
+                "WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i'))").fetchall()
+            for kind, schema, rel in objects:
+                c.execute(sql.SQL("ALTER " + kind + " {}.{} OWNER TO {}").format(
+                    sql.Identifier(schema), sql.Identifier(rel), admin))
+
+    def local_sql(self, name: str, *statements: str, database: str = "postgres") -> None:
+        """Run statements as the local superuser (Azure's `azuresu`: what only Microsoft can do)."""
+        with psycopg.connect(**self.local.connection(name, database).psycopg_kwargs(), autocommit=True) as c:
+            for statement in statements:
+                c.execute(statement)
+
+    def attach(self, sub: str, rg: str, name: str, *, tags: dict[str, str] | None = None,
+               databases: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Publish an existing cluster of `local` as an ARM server (the environment's live server).
+
+        Args:
+            databases: the service's databases on it, handed over to the admin (`hand_over`).
+        """
         self.azurify(name)
+        for database in databases:
+            self.hand_over(name, database)
         self.local.take_base_backup(name)  # so that restores start from a copy with TLS on
         return self.add_server(sub, rg, name, tags=tags)
 

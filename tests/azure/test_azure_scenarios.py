@@ -111,7 +111,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     local = local_servers(cfg)
     arm = BackedArm(*tls_cert, local=local, admin_user=target.admin_user, admin_password=password).start()
     arm.attach(SUBSCRIPTION, RESOURCE_GROUP, target.server,
-               tags={"environment": "development", "service": "apply"})
+               tags={"environment": "development", "service": "apply"}, databases=(target.database,))
     container = blob_service.get_container_client(container_name)
     container.create_container()
 
@@ -156,6 +156,20 @@ class TestConnection:
         assert conn.sslmode == "require" and conn.user == azure_env.target.admin_user
         assert azure_env.scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
 
+    def test_the_admin_is_azures_not_a_superuser(self, azure_env):
+        # Azure: "LOGIN, NOSUPERUSER, INHERIT, CREATEDB, CREATEROLE, REPLICATION", member of azure_pg_admin
+        row = azure_env.query(
+            "SELECT rolsuper, rolinherit, rolcreatedb, rolcreaterole, rolbypassrls, "
+            "pg_has_role(current_user, 'azure_pg_admin', 'member'), "
+            "pg_has_role(current_user, 'pg_signal_backend', 'usage') FROM pg_roles WHERE rolname = current_user")
+        assert row == [(False, True, True, True, False, True, True)]
+        from psycopg.errors import InsufficientPrivilege
+
+        with pytest.raises(InsufficientPrivilege):
+            azure_env.query("SET session_replication_role = replica")
+        assert azure_env.scalar("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()") \
+            == azure_env.target.admin_user
+
     def test_client_tools_without_ssl_are_refused_saying_what_to_install(self, azure_env):
         from dr.backup import take_backup
         from dr.commands import PgTools
@@ -169,6 +183,67 @@ class TestConnection:
                         server=azure_env.target.server, database=azure_env.target.database,
                         name="apply_dv_adhoc_nossl.pgdump", kind="adhoc")
         assert azure_env.blobs() == []
+
+
+class TestRestoreAsTheAzureAdmin:
+    """The restore swap with Azure's admin: it may end other roles' sessions, never a superuser's."""
+
+    def test_swap_ends_app_sessions_refuses_over_azures_own_and_names_what_is_missing(self, azure_env):
+        import psycopg
+
+        from dr.backup import take_backup
+        from dr.commands import PgTools
+        from dr.errors import RestoreError
+        from dr.restore import restore_backup
+
+        env = azure_env
+        server, live = env.target.server, env.target.database
+        tools = PgTools.default(env.config.local.pg_bin_dir)
+        servers, store = env.platform.servers, env.platform.store
+        env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 5) g")
+        take_backup(servers, store, tools, server=server, database=live, name="apply_dv_adhoc_1.pgdump", kind="adhoc",
+                    fmt="custom")
+        env.query("INSERT INTO markers VALUES (6)")  # after the backup: gone once the restore is swapped in
+
+        def restore() -> Any:
+            return restore_backup(servers, store, tools, server=server, database=live,
+                                  backup="apply_dv_adhoc_1.pgdump")
+
+        # 1. a session of Azure's own superuser (azuresu; here the local platform's) on the live database
+        azuresu = psycopg.connect(**{**env.arm.local.connection(server, live).psycopg_kwargs(),
+                                     "application_name": "azuresu-maintenance"}, autocommit=True)
+        with pytest.raises(RestoreError) as err:
+            restore()
+        text = str(err.value)
+        assert "superuser" in text and "dradmin" in text and env.target.admin_user in text, text
+        assert "run the same command again" in text
+        assert env.scalar("SELECT count(*) FROM markers") == 6  # the live database is as it was, and open
+        assert not [d for d in env.query("SELECT datname FROM pg_database")
+                    if d[0].startswith(f"{live}_replaced_")]
+        # ... and tidy-up cannot drop a database that session is in: said the same way
+        from dr.database import drop_database
+
+        with pytest.raises(RestoreError, match="superuser"):
+            drop_database(env.conn("postgres"), live)
+        azuresu.close()
+
+        # 2. the app's own role (not a superuser): its session is ended and the swap goes through
+        env.query("CREATE ROLE apply_app LOGIN PASSWORD 'app-pw-1'; GRANT SELECT ON markers TO apply_app")
+        app = psycopg.connect(**{**env.conn().psycopg_kwargs(), "user": "apply_app", "password": "app-pw-1"},
+                              autocommit=True)
+        result = restore()
+        assert env.scalar("SELECT count(*) FROM markers") == 5 and result.replaced_database
+        with pytest.raises(psycopg.OperationalError):
+            app.execute("SELECT 1")
+        app.close()
+
+        # 3. a live database the admin does not own: refused before anything is restored, naming the grant
+        env.arm.local_sql(server, "CREATE ROLE apply_owner NOLOGIN",
+                          f"ALTER DATABASE {live} OWNER TO apply_owner")
+        before = sorted(d[0] for d in env.query("SELECT datname FROM pg_database"))
+        with pytest.raises(RestoreError, match=rf"GRANT apply_owner TO {env.target.admin_user}"):
+            restore()
+        assert sorted(d[0] for d in env.query("SELECT datname FROM pg_database")) == before
 
 
 class TestDataLossOnAzure:
@@ -207,6 +282,13 @@ class TestDataLossOnAzure:
         st = env.platform.app.get_status()
         assert not st.maintenance and env.platform.app.healthcheck()[0] == 200
 
+        # tidy-up, as Azure's admin: the replaced database goes (the safety backup holds exactly it)
+        from flows.tidy_up import tidy_up
+
+        tidied = tidy_up(**env.kw(), dry_run=False)
+        assert r["replaced_database"] in tidied["deleted"], tidied
+        assert not env.query("SELECT 1 FROM pg_database WHERE datname = %s", (r["replaced_database"],))
+
 
 class TestServerLossOnAzure:
     def test_revive_through_arm_brings_back_every_row(self, azure_env):
@@ -227,12 +309,17 @@ class TestServerLossOnAzure:
         assert env.platform.app.healthcheck()[0] == 200
 
     def test_recreate_restores_the_newest_nightly_blob(self, azure_env, caplog):
-        from flows.backup import backup_database
+        from flows.nightly import nightly_backup
         from flows.server_loss import server_loss
 
         env = azure_env
         env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 44) g")
-        nightly = backup_database(**env.kw(), kind="nightly", backup_format="plain-gzip")
+        # the nightly path as Azure's admin: backup, its restore test into a scratch database, retention
+        nightly = nightly_backup(**env.kw(), backup_format="plain-gzip", verify="always")
+        nightly["name"] = nightly["backup"]
+        assert nightly["verified"]["verified"] and nightly["retention"]["kept"] == [nightly["name"]]
+        assert not [d for (d,) in env.query("SELECT datname FROM pg_database") if d.endswith("_verify")
+                    or "_verify_" in d]  # the scratch database was dropped
         # the existing tooling's blob name: <service>_<env short>_<date>.sql.gz
         assert re.fullmatch(r"apply_dv_\d{4}-\d{2}-\d{2}\.sql\.gz", nightly["name"])
         assert nightly["name"] in env.blobs()

@@ -32,6 +32,8 @@ from tasks.servers import (
     geo_server_name,
     get_server_task,
     list_dropped_servers_task,
+    recovery_server_name,
+    recovery_server_name_task,
     recreate_server_task,
     revive_server_task,
 )
@@ -136,10 +138,15 @@ def server_loss(
                         record.servers_created.append(srv.name)
                     how = "geo-restored"
                     ev.detail = f"{t.server} geo-restored as {srv.name} in {t.geo_restore.location} ({srv.host})"
-                elif srv is not None:
-                    how = "revived" if "dr-revived-at" in srv.tags else "recreated"
-                    ev.detail = f"{t.server} already back ({how}); continuing"
+                elif srv is not None or (srv := get_server_task(ref, recovery_server_name(t.server, incident))):
+                    how = "revived" if any(k.startswith("dr-revived") for k in srv.tags) else "recreated"
+                    ev.detail = f"{t.server} already back as {srv.name} ({how}); continuing"
                 else:
+                    # Azure keeps a dropped server's name while it can be revived: then it comes back as another
+                    name, held = recovery_server_name_task(ref, incident)
+                    if held:
+                        log.warning("%s: %s; as Microsoft advises, it comes back as %s, and the app is pointed at it "
+                                    "before users return", t.server, held, name)
                     dropped = [d for d in list_dropped_servers_task(ref) if d.name == t.server]
                     choice = recovery
                     if choice == "revive" and not dropped:
@@ -153,10 +160,10 @@ def server_loss(
                         else:
                             choice = "revive" if dropped else "recreate"
                     if choice == "revive":
-                        srv = revive_server_task(ref)
+                        srv = revive_server_task(ref, name)
                         how = "revived"
                     else:
-                        srv = recreate_server_task(ref, tags={TAG_INCIDENT: incident})
+                        srv = recreate_server_task(ref, name, tags={TAG_INCIDENT: incident})
                         how = "recreated"
                         record.servers_created.append(srv.name)
                     ev.detail = f"{how} {srv.name}"
@@ -169,29 +176,31 @@ def server_loss(
                     info = find_backup(ref, name=backup, kinds=None if backup else NIGHTLY_KINDS)
                     restored_backup = info.name
                     record.last_backup = info.finished_at or info.created_at
-                    res = restore_backup_task(ref, backup=info.name, jobs=2, incident=incident)
+                    res = restore_backup_task(ref, backup=info.name, server=srv.name, jobs=2, incident=incident)
                     if res.skipped:
                         ev.outcome, ev.detail = "skipped", res.skipped
                         record.facts["restore skipped"] = res.skipped
                     else:
                         ev.detail = f"{info.name} restored and verified"
-                    state = f"server {t.server} recreated and holds backup {info.name}; maintenance page on"
+                    state = f"server {srv.name} recreated and holds backup {info.name}; maintenance page on"
             elif how == "geo-restored":
                 record.facts["data loss"] = ("what was not yet geo-replicated: Azure copies backups to the paired "
                                              "region with a lag of up to about an hour")
+            else:
+                record.facts["data loss"] = "none: the revived server keeps all committed data"
+            moved = srv.name != t.server  # geo-restored, or brought back under a new name
+            if moved:
                 validate_step(ref, timeline, server=srv.name, healthcheck=False, step=f"check the data on {srv.name}")
-                state = f"{srv.name} geo-restored and checked; the app still points at {t.server}; maintenance on"
-                d = approve(ref, timeline, gate="switch the app to the geo-restored server", auto_approve=auto_approve,
+                state = f"{srv.name} {how} and checked; the app still points at {t.server}; maintenance on"
+                d = approve(ref, timeline, gate=f"switch the app to the {how} server", auto_approve=auto_approve,
                             timeout_minutes=timeout, resume=resume,
                             what=(f"point the app's database host at {srv.host} (server {srv.name}), e.g. its "
                                   f"DATABASE_URL secret, and set server = \"{srv.name}\" for {service} {environment} "
                                   "in dr.toml; approve once done"))
                 record.decisions.append(d.line())
-            else:
-                record.facts["data loss"] = "none: the revived server keeps all committed data"
 
-            # a geo-restored server is the service's server now, whatever dr.toml still says
-            record.validated = validate_step(ref, timeline, server=srv.name if how == "geo-restored" else None)
+            # a server under another name is the service's server now, whatever dr.toml still says
+            record.validated = validate_step(ref, timeline, server=srv.name if moved else None)
 
             d = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve, timeout_minutes=timeout,
                         resume=resume, what=f"service validated on the {how} server; send users back")

@@ -54,19 +54,42 @@ def list_dropped_servers_task(ref: Ref) -> list[DroppedServer]:
 
 @dr_task(retries=1)
 def revive_server_task(ref: Ref, name: str | None = None) -> ServerInfo:
-    """Revive a dropped server with all its data."""
+    """Revive the dropped server with all its data, as `name` (default its own name)."""
     rt = ref.rt()
-    return rt.servers.revive_dropped_server(name or rt.target.server)
+    if name and name != rt.target.server:
+        return rt.servers.revive_dropped_server(rt.target.server, new_name=name)
+    return rt.servers.revive_dropped_server(rt.target.server)
 
 
 @dr_task(retries=1)
 def recreate_server_task(ref: Ref, name: str | None = None, tags: dict[str, str] | None = None) -> ServerInfo:
-    """Create the server again, empty, with its recorded settings."""
+    """Create the server again, empty, with its recorded settings, as `name` (default its own name)."""
     rt = ref.rt()
     name = name or rt.target.server
     if rt.servers.server_exists(name):
         return rt.servers.get_server(name)
-    return rt.servers.create_server(name, like=name, tags=tags)
+    return rt.servers.create_server(name, like=rt.target.server, tags=tags)
+
+
+@dr_task
+def recovery_server_name_task(ref: Ref, incident: str) -> tuple[str, str]:
+    """The name the lost server comes back under, and why: its own when the platform gives it, else a new one."""
+    rt = ref.rt()
+    check = getattr(rt.servers, "name_available", None)  # platforms whose names outlive their servers (Azure)
+    if check is None:
+        return rt.target.server, ""
+    free, why = check(rt.target.server)
+    return (rt.target.server, "") if free else (recovery_server_name(rt.target.server, incident), why)
+
+
+def recovery_server_name(server: str, incident: str) -> str:
+    """The new name of a lost server brought back under another: `<server>-<8 hex of the incident>`.
+
+    The same for every run of one incident, so a resumed run finds the server it made.
+    """
+    import hashlib
+
+    return f"{server[:54].rstrip('-')}-{hashlib.sha256(incident.encode()).hexdigest()[:8]}"
 
 
 @dr_task(retries=1)

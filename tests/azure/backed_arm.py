@@ -256,7 +256,10 @@ class BackedArm(FakeArm):
             self.local.point_in_time_restore(source, name, min(when, latest))
             self.azurify(name)
         elif mode == "ReviveDropped":
-            self.local.revive_dropped_server(name)
+            source = props["sourceServerResourceId"].rstrip("/").rsplit("/", 1)[-1]
+            self.local.revive_dropped_server(source)
+            if source != name:  # revived under another name, as Microsoft's instructions do it
+                self._rename(source, name)
             self.azurify(name)
         elif mode in ("Default", "Create"):
             self.local.create_server(name)
@@ -264,6 +267,19 @@ class BackedArm(FakeArm):
         else:
             raise NotImplementedError(f"the backed fake cannot {mode}")
         self._describe(name, doc)
+
+    def _rename(self, old: str, new: str) -> None:
+        """Give a local cluster another name (its directory, record and archive path), running again after."""
+        import os
+
+        local = self.local
+        local.stop_server(old)
+        os.replace(local.servers_dir / old, local.servers_dir / new)
+        meta = local._meta(new)
+        meta["name"] = new
+        local._write_meta(new, meta)
+        local._write_conf(new, meta["port"], archive=meta.get("archive", True))
+        local.start_server(new)
 
     def dematerialize(self, name: str, doc: dict[str, Any]) -> None:
         if self.local.server_exists(name):

@@ -10,6 +10,14 @@ keeps servers in a dict. Implemented, with the status codes and headers ARM uses
 - PUT validates like ARM does: 400 for a missing location or a restore without its
   source/time, 409 `ServerAlreadyExists` when the name is taken, 404-ish 400 for an
   unknown source.
+- A server in the middle of an operation (Provisioning, Dropping, Starting, Stopping,
+  Updating, Restarting) refuses a DELETE, a start/stop/restart or an update with 409
+  `ServerIsBusy`, as Azure does; `busy_for(name, gets, state)` puts a server in such a state
+  for `gets` reads of it (someone else's operation), then leaves it in `then`.
+- Server names are global and linger: a name that any server has (in any resource group),
+  or that a dropped server holds while Azure keeps it (`dropped_retention_days`, 5), is
+  refused with 409 `ServerAlreadyExists` ("Specified server name 'x' is already used.
+  Please use a different name and try again."), and `checkNameAvailability` says so.
 - Faults: `inject(method, path_contains, status, ...)` answers the next matching
   requests with a canned status (429 with Retry-After, 503, 400, 404, ...).
 
@@ -40,10 +48,14 @@ OPERATION_RE = re.compile(r"^/subscriptions/[^/]+/providers/Microsoft\.DBforPost
                           r"(?P<kind>azureAsyncOperation|operationResults)/(?P<op>[^/]+)$", re.IGNORECASE)
 DNS_LINKS_RE = re.compile(r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Network/"
                           r"privateDnsZones/[^/]+/virtualNetworkLinks$", re.IGNORECASE)
+NAME_CHECK_RE = re.compile(r"^/subscriptions/[^/]+/providers/Microsoft\.DBforPostgreSQL/(?:locations/[^/]+/)?"
+                           r"checkNameAvailability$", re.IGNORECASE)
 DIAGNOSTICS_RE = re.compile(r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.DBforPostgreSQL/"
                             r"flexibleServers/(?P<name>[^/]+)/providers/Microsoft\.Insights/diagnosticSettings$",
                             re.IGNORECASE)
 TOKEN = "test-token"
+#: states in which Azure refuses another operation on the server (409 ServerIsBusy)
+BUSY_STATES = {"Provisioning", "Dropping", "Starting", "Stopping", "Updating", "Restarting"}
 
 
 def iso(dt: datetime) -> str:
@@ -76,6 +88,7 @@ class Operation:
     remaining: int
     on_success: Any
     fail_with: dict[str, str] | None = None
+    server: str = ""
     status: str = "InProgress"
     polls: int = 0
 
@@ -95,11 +108,14 @@ class FakeArm:
         with getattr(self, "lock", threading.RLock()):
             self.servers: dict[str, dict[str, Any]] = {}  # resource id (lower) -> server JSON
             self.dropped: dict[str, dict[str, Any]] = {}  # resource id (lower) -> last JSON
+            self.dropped_at: dict[str, datetime] = {}  # resource id (lower) -> when its drop finished
+            self.dropped_retention_days = 5
             self.operations: dict[str, Operation] = {}
             self.requests: list[Recorded] = []
             self.faults: list[Fault] = []
             self.polls_to_finish = 2
             self.never_finish: set[str] = set()  # server names whose operations stay InProgress
+            self.settles: dict[str, list[Any]] = {}  # server name -> [reads left, state after]
             self.fail_operations: dict[str, dict[str, str]] = {}  # server name -> error of its next operation
             self.delete_missing_status = 404
             self.poll_retry_after: str | None = None
@@ -139,6 +155,38 @@ class FakeArm:
         """Answer the next `times` requests matching method and path with `status` (calling `on_hit` first)."""
         with self.lock:
             self.faults.append(Fault(method.upper(), path_contains, status, body, headers or {}, times, on_hit))
+
+    def busy_for(self, name: str, gets: int, state: str = "Updating", then: str = "Ready") -> None:
+        """Server `name` is busy with an operation not ours (`state`) for its next `gets` reads, then `then`."""
+        with self.lock:
+            doc = self.server(name)
+            assert doc is not None, name
+            doc["properties"]["state"] = state
+            self.settles[name] = [gets, then]
+
+    def finish_after(self, name: str, polls: int) -> None:
+        """The running operations on server `name` finish after `polls` more polls (Azure got there meanwhile)."""
+        with self.lock:
+            self.never_finish.discard(name)
+            for op in self.operations.values():
+                if op.server == name and op.status == "InProgress":
+                    op.remaining = polls
+
+    def name_held(self, name: str) -> str | None:
+        """Azure's message when `name` cannot be given to a new server (None when it is free)."""
+        now = datetime.now(timezone.utc)
+        taken = any(d["name"].lower() == name.lower() for d in self.servers.values()) or any(
+            d["name"].lower() == name.lower() and now - self.dropped_at.get(rid, now) < timedelta(
+                days=self.dropped_retention_days) for rid, d in self.dropped.items())
+        return (f"Specified server name '{name}' is already used. Please use a different name and try again."
+                if taken else None)
+
+    def age_drop(self, name: str, days: float) -> None:
+        """Make the drop of server `name` `days` older (its name is free again after the retention)."""
+        with self.lock:
+            for rid, d in self.dropped.items():
+                if d["name"] == name:
+                    self.dropped_at[rid] = self.dropped_at.get(rid, datetime.now(timezone.utc)) - timedelta(days=days)
 
     def finish_everything(self) -> None:
         """Let every running operation succeed at its next poll."""
@@ -245,6 +293,11 @@ class FakeArm:
                 return self._poll(m.group("kind"), m.group("op"))
             if method == "GET" and path.lower().endswith("/providers/microsoft.authorization/permissions"):
                 return 200, {}, {"value": copy.deepcopy(self.permissions)}
+            if NAME_CHECK_RE.match(path) and method == "POST":
+                name = (body or {}).get("name", "")
+                held = self.name_held(name)
+                return 200, {}, {"name": name, "type": (body or {}).get("type"), "nameAvailable": held is None,
+                                 "reason": "AlreadyExists" if held else None, "message": held or ""}
             m = DNS_LINKS_RE.match(path)
             if m and method == "GET":
                 vnet = (f"/subscriptions/{m.group('sub')}/resourceGroups/{m.group('rg')}/providers/Microsoft.Network/"
@@ -270,6 +323,12 @@ class FakeArm:
                 return self._action(rid, name, action)
             if method == "GET":
                 doc = self.servers.get(rid.lower())
+                settle = self.settles.get(name)
+                if doc is not None and settle is not None:
+                    settle[0] -= 1
+                    if settle[0] < 0:
+                        doc["properties"]["state"] = settle[1]
+                        del self.settles[name]
                 if doc is None:
                     return 404, {}, _error("ResourceNotFound", f"The Resource '{PROVIDER}/flexibleServers/{name}' "
                                            f"under resource group '{rg}' was not found.")
@@ -282,7 +341,7 @@ class FakeArm:
 
     def _start_operation(self, sub: str, location: str, name: str, on_success: Any) -> dict[str, str]:
         op = Operation(uuid.uuid4().hex, self.polls_to_finish, on_success,
-                       fail_with=self.fail_operations.pop(name, None))
+                       fail_with=self.fail_operations.pop(name, None), server=name)
         if name in self.never_finish:
             op.remaining = 10**9
         self.operations[op.id] = op
@@ -324,6 +383,10 @@ class FakeArm:
         mode = props.get("createMode", "Default")
         if rid.lower() in self.servers and mode not in ("Default", "Update"):
             return 409, {}, _error("ServerAlreadyExists", f"Specified server name '{name}' is already used.")
+        if rid.lower() in self.servers and (busy := self._busy(rid, name)):
+            return busy
+        if rid.lower() not in self.servers and (held := self.name_held(name)):
+            return 409, {}, _error("ServerAlreadyExists", held)
         subnet = (props.get("network") or {}).get("delegatedSubnetResourceId", "")
         if "missing-subnet" in subnet:
             return 400, {}, _error("SubnetNotFound", f"The subnet '{subnet}' does not exist or is not delegated "
@@ -367,6 +430,14 @@ class FakeArm:
         headers = self._start_operation(sub, body["location"], name, done)
         return 202, headers, None
 
+    def _busy(self, rid: str, name: str) -> tuple[int, dict[str, str], Any] | None:
+        """Azure's refusal of an operation on a server that is in the middle of another one."""
+        doc = self.servers.get(rid.lower())
+        if doc is not None and doc["properties"]["state"] in BUSY_STATES:
+            return 409, {}, _error("ServerIsBusy", f"Cannot complete operation while server '{name}' is busy "
+                                   "processing another operation. Try again later.")
+        return None
+
     def _delete(self, sub: str, name: str, rid: str) -> tuple[int, dict[str, str], Any]:
         doc = self.servers.get(rid.lower())
         if doc is None:
@@ -374,12 +445,15 @@ class FakeArm:
                 return 204, {}, None
             return 404, {}, _error("ResourceNotFound",
                                    f"The Resource '{PROVIDER}/flexibleServers/{name}' was not found.")
+        if busy := self._busy(rid, name):
+            return busy
         doc["properties"]["state"] = "Dropping"
 
         def done() -> None:
             self.dematerialize(name, doc)
             self.servers.pop(rid.lower(), None)
             self.dropped[rid.lower()] = doc
+            self.dropped_at[rid.lower()] = datetime.now(timezone.utc)
 
         return 202, self._start_operation(sub, doc["location"], name, done), None
 
@@ -387,6 +461,9 @@ class FakeArm:
         doc = self.servers.get(rid.lower())
         if doc is None:
             return 404, {}, _error("ResourceNotFound", f"server {name} not found")
+        if busy := self._busy(rid, name):
+            return busy
+        doc["properties"]["state"] = {"start": "Starting", "stop": "Stopping", "restart": "Restarting"}[action]
 
         def done() -> None:
             doc["properties"]["state"] = "Ready" if action in ("start", "restart") else "Stopped"

@@ -24,6 +24,8 @@ import pytest
 from azure_test_support import AZURITE_ACCOUNT, RESOURCE_GROUP, SUBSCRIPTION, FakeCredential
 from backed_arm import BackedArm
 
+from tasks.servers import recovery_server_name
+
 SYSTEM_PG = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"),
                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
 
@@ -144,6 +146,16 @@ def corrupt(env: AzureEnv) -> tuple[list, datetime]:
     env.query("INSERT INTO markers VALUES (21, 'after T')")
     env.query("DELETE FROM markers WHERE id <= 10")
     return [(i, f"good {i}") for i in range(1, 21)], t
+
+
+def point_app_at(env: AzureEnv, server: str) -> str:
+    """Point the local app at `server` (what a person does to the app's DATABASE_URL); returns it."""
+    import json
+
+    app = json.loads(env.platform.app.json.read_text())
+    app["server"] = server
+    env.platform.app.json.write_text(json.dumps(app))
+    return server
 
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -298,10 +310,14 @@ class TestServerLossOnAzure:
         env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 33) g")
         env.platform.servers.delete_server(env.target.server, force=True)  # the disaster
         assert env.arm.server(env.target.server) is None
+        # Azure keeps the dropped server's name: it comes back as another (the drill's app already follows it)
+        new = point_app_at(env, recovery_server_name(env.target.server, "inc-az-revive"))
         r = server_loss(**env.kw(), auto_approve=True, incident="inc-az-revive")
         assert r["recovery"] == "revived"
-        assert env.scalar("SELECT count(*) FROM markers") == 33
-        revive = env.bodies(env.target.server)[-1]
+        assert env.scalar("SELECT count(*) FROM markers", server=new) == 33
+        assert any("switch the app to the revived server" in d and new in d for d in r["decisions"]), r["decisions"]
+        assert not env.bodies(env.target.server)  # the held name was never asked for
+        revive = env.bodies(new)[-1]
         assert revive["properties"]["createMode"] == "ReviveDropped"
         assert revive["properties"]["sourceServerResourceId"].lower() == env.platform.servers.resource_id(
             env.target.server).lower()
@@ -325,10 +341,12 @@ class TestServerLossOnAzure:
         assert nightly["name"] in env.blobs()
         env.query("INSERT INTO markers VALUES (45)")  # after the backup: lost with the server
         env.platform.servers.delete_server(env.target.server, force=True)
+        new = point_app_at(env, recovery_server_name(env.target.server, "inc-az-recreate"))
         r = server_loss(**env.kw(), recovery="recreate", auto_approve=True, incident="inc-az-recreate")
         assert r["recovery"] == "recreated" and r["backup"] == nightly["name"]
-        assert env.scalar("SELECT count(*) FROM markers") == 44
-        create = env.bodies(env.target.server)[-1]
+        assert env.scalar("SELECT count(*) FROM markers", server=new) == 44
+        assert not env.bodies(env.target.server)  # the held name was never asked for
+        create = env.bodies(new)[-1]
         props = create["properties"]
         assert props.get("createMode", "Default") in ("Default", "Create")
         assert create["sku"] == {"name": "Standard_D2ds_v5", "tier": "GeneralPurpose"}
@@ -337,7 +355,7 @@ class TestServerLossOnAzure:
         assert props["administratorLoginPassword"] == env.password
         assert env.password not in caplog.text
         assert not [r for r in env.arm.requests if env.password in repr(r.body) and r is not env.arm.server_calls(
-            "PUT", env.target.server)[-1]]
+            "PUT", new)[-1]]
         assert props["network"]["delegatedSubnetResourceId"].endswith("/subnets/postgres")
         assert env.platform.app.healthcheck()[0] == 200
 

@@ -294,8 +294,8 @@ class TestCreateServer:
         before = arm.server(PRIMARY)
         servers.delete_server(PRIMARY, force=True)
         assert arm.server(PRIMARY) is None
-        servers.create_server(PRIMARY, like=PRIMARY)  # the primary is gone: its settings come from the record
-        [put] = arm.server_calls("PUT", PRIMARY)
+        servers.create_server("apply-new-pg2", like=PRIMARY)  # the primary is gone: its settings come from the record
+        [put] = arm.server_calls("PUT", "apply-new-pg2")
         assert put.body["sku"] == before["sku"]
         assert put.body["properties"]["network"] == before["properties"]["network"]
         assert put.body["properties"]["storage"] == before["properties"]["storage"]
@@ -324,15 +324,6 @@ class TestDelete:
         servers.delete_server("racy-pg")
         assert len(arm.server_calls("DELETE", "racy-pg")) == 1
 
-    def test_deleting_a_restore_that_timed_out_supersedes_its_record(self, servers, arm):
-        arm.never_finish.add("apply-ptr-slow")
-        with pytest.raises(OperationTimedOut):
-            servers.point_in_time_restore(PRIMARY, "apply-ptr-slow", utcnow() - timedelta(hours=1), timeout=0.3)
-        arm.never_finish.clear()
-        servers.delete_server("apply-ptr-slow")
-        assert arm.server("apply-ptr-slow") is None
-        assert servers.operations.record.read() == {}
-
     def test_refuses_a_server_it_did_not_make_unless_forced(self, servers, arm):
         with pytest.raises(PlatformError, match="not created by this tool"):
             servers.delete_server(PRIMARY)
@@ -341,15 +332,60 @@ class TestDelete:
         assert arm.server(PRIMARY) is None
 
 
+class TestBusyServers:
+    """Azure refuses a delete, start or update while the server is in another operation (409 ServerIsBusy)."""
+
+    def test_a_timed_out_restore_is_waited_for_then_deleted(self, servers, arm, caplog):
+        caplog.set_level(logging.INFO, logger="dr.azure.servers")
+        arm.never_finish.add("apply-ptr-slow")
+        with pytest.raises(OperationTimedOut):
+            servers.point_in_time_restore(PRIMARY, "apply-ptr-slow", utcnow() - timedelta(hours=1), timeout=0.3)
+        assert arm.server("apply-ptr-slow")["properties"]["state"] == "Provisioning"
+        arm.finish_after("apply-ptr-slow", polls=3)  # Azure finishes the restore a little later
+        servers.delete_server("apply-ptr-slow", timeout=10)
+        assert arm.server("apply-ptr-slow") is None
+        assert len(arm.server_calls("DELETE", "apply-ptr-slow")) == 1  # sent once the restore had ended
+        assert "waiting for the unfinished point-in-time-restore of apply-ptr-slow" in caplog.text
+        assert servers.operations.record.read() == {}
+
+    def test_a_delete_refused_as_busy_is_tried_again_saying_what_it_waits_for(self, servers, arm, caplog):
+        caplog.set_level(logging.INFO, logger="dr.azure.servers")
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "apply-ptr-busy", tags=OURS)
+        arm.busy_for("apply-ptr-busy", gets=3, state="Updating")  # an operation that is not ours
+        servers.delete_server("apply-ptr-busy", timeout=10)
+        assert arm.server("apply-ptr-busy") is None
+        assert len(arm.server_calls("DELETE", "apply-ptr-busy")) >= 2  # the first was refused
+        assert "apply-ptr-busy is busy with another operation (Updating)" in caplog.text
+        assert "deletion of server 'apply-ptr-busy' waits for it" in caplog.text
+
+    def test_a_server_that_stays_busy_is_left_alone_after_the_timeout(self, servers, arm):
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "apply-ptr-stuck", tags=OURS)
+        arm.busy_for("apply-ptr-stuck", gets=10**6, state="Restarting")
+        with pytest.raises(OperationTimedOut) as err:
+            servers.delete_server("apply-ptr-stuck", timeout=1)
+        assert "busy with another operation (Restarting)" in str(err.value)
+        assert "nothing was sent" in str(err.value) and "run the same command again" in str(err.value)
+        assert arm.server("apply-ptr-stuck") is not None and servers.list_dropped_servers() == []
+
+    def test_a_stopping_restore_is_waited_for_then_started(self, servers, arm):
+        when = (utcnow() - timedelta(hours=3)).replace(microsecond=0)
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "apply-ptr-stopping",
+                       tags={**OURS, TAG_SOURCE: PRIMARY, TAG_RESTORE_TIME: when.isoformat()})
+        arm.busy_for("apply-ptr-stopping", gets=2, state="Stopping", then="Stopped")
+        info = servers.point_in_time_restore(PRIMARY, "apply-ptr-stopping", when, timeout=10)
+        assert info.state == "Ready"
+        assert len(arm.calls("POST", "/apply-ptr-stopping/start")) == 1 and arm.calls("PUT") == []
+
+
 class TestRevive:
     def test_revives_a_server_dropped_by_this_tool(self, servers, arm):
         arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "apply-ptr-gone", tags={**OURS, "team": "apply"})
         old = arm.server("apply-ptr-gone")
         servers.delete_server("apply-ptr-gone")
         [dropped] = servers.list_dropped_servers()
-        info = servers.revive_dropped_server("apply-ptr-gone")
-        assert info.state == "Ready"
-        [put] = arm.server_calls("PUT", "apply-ptr-gone")
+        info = servers.revive_dropped_server("apply-ptr-gone", new_name="apply-ptr-back")
+        assert info.state == "Ready" and info.name == "apply-ptr-back"
+        [put] = arm.server_calls("PUT", "apply-ptr-back")
         props = put.body["properties"]
         assert props["createMode"] == "ReviveDropped"
         assert props["sourceServerResourceId"] == old["id"]
@@ -365,14 +401,30 @@ class TestRevive:
         arm.servers.pop(doc["id"].lower())
         arm.dropped[doc["id"].lower()] = doc
         dropped_at = (utcnow() - timedelta(days=2)).replace(microsecond=0)
-        servers.revive_dropped_server("legacy-pg", resource_id=doc["id"], dropped_at=dropped_at, location="uksouth")
-        [put] = arm.server_calls("PUT", "legacy-pg")
+        servers.revive_dropped_server("legacy-pg", new_name="legacy-pg-2", resource_id=doc["id"], dropped_at=dropped_at,
+                                      location="uksouth")
+        [put] = arm.server_calls("PUT", "legacy-pg-2")
         props = put.body["properties"]
         assert (props["createMode"], props["sourceServerResourceId"]) == ("ReviveDropped", doc["id"])
         assert parse_utc(props["pointInTimeUTC"]) == dropped_at
         # no record of its network: it lands in the VNet of the target's server
         assert props["network"]["delegatedSubnetResourceId"] == \
             arm.server(PRIMARY)["properties"]["network"]["delegatedSubnetResourceId"]
+
+    def test_a_dropped_servers_name_is_held_while_azure_keeps_it(self, servers, arm, monkeypatch):
+        monkeypatch.setenv("DR_AZURE_PG_PASSWORD", "pw-pw-pw-pw")
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "apply-gone-pg", tags=OURS)
+        servers.delete_server("apply-gone-pg")
+        free, why = servers.name_available("apply-gone-pg")
+        assert not free and "Specified server name 'apply-gone-pg' is already used" in why
+        with pytest.raises(ServerExists, match="is already used"):  # Azure's refusal, word for word
+            servers.revive_dropped_server("apply-gone-pg")
+        with pytest.raises(ServerExists, match="is already used"):
+            servers.create_server("apply-gone-pg", like=PRIMARY)
+        assert servers.name_available(PRIMARY)[0] is False  # a live server's name, too (names are global)
+        arm.age_drop("apply-gone-pg", days=5.1)  # Azure no longer keeps it
+        assert servers.name_available("apply-gone-pg") == (True, "Azure would give the name 'apply-gone-pg' "
+                                                                   "to a new server")
 
     def test_beyond_five_days_is_refused_without_a_call(self, servers, arm):
         with pytest.raises(ServerNotFound, match="more than 5 days"):
@@ -433,6 +485,7 @@ class TestGeoRestoreAndPreflight:
         assert not checks["server"][0] and checks["permissions"][0] and checks["private DNS zone link"][0]
         assert not checks["leftover diagnostic settings"][0]
         assert "to-log-analytics" in checks["leftover diagnostic settings"][1]
+        assert not checks["server name"][0] and "comes back under a new name" in checks["server name"][1]
 
     def test_preflight_of_a_public_server_and_a_missing_one(self, servers, arm):
         arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "public-pg", vnet=False)
@@ -442,6 +495,7 @@ class TestGeoRestoreAndPreflight:
         missing = {name: (ok, detail) for name, ok, detail in servers.preflight("missing-pg")}
         assert missing["server"] == (False, f"'missing-pg' not found in resource group '{RESOURCE_GROUP}'")
         assert missing["leftover diagnostic settings"] == (True, "none left behind")
+        assert missing["server name"][0] and "keeps its name" in missing["server name"][1]
 
 
 class TestFactory:

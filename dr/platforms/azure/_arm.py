@@ -56,6 +56,12 @@ def aware(when: datetime | None) -> datetime | None:
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
+def error_code(exc: Exception) -> str:
+    """Azure's error code of an SDK error (`ServerIsBusy`, `ResourceNotFound`, ...), or ''."""
+    err = getattr(exc, "error", None)
+    return str((getattr(err, "code", None) if err is not None else None) or "")
+
+
 def build_management_client(credential: Any, subscription_id: str, *, base_url: str | None = None,
                             polling_interval: float = 30, retry_total: int = 6, retry_backoff_factor: float = 1.0,
                             retry_backoff_max: float = 60, **client_kwargs: Any) -> PostgreSQLManagementClient:

@@ -5,6 +5,11 @@ continuation token is written to `azure-operations.json` (`_state.OperationLog`)
 as Azure accepts it, and every operation waits with a stated timeout, logging its progress:
 `OperationTimedOut` leaves the operation running and recorded, and making the same request
 again re-attaches to it instead of starting a second one.
+
+A server in the middle of another operation refuses a new one (409 `ServerIsBusy`, or
+`ServerBusy`). Such a refusal is waited out: the request is sent again every
+`progress_interval` seconds until the caller's deadline, each wait logged with the server's
+state; past the deadline it is `OperationTimedOut`, with nothing sent.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from azure.core.polling import LROPoller
 from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
 
 from dr.errors import DrError, OperationTimedOut, ServerExists, ServerNotFound
-from dr.platforms.azure._arm import SDK_ERRORS, arm_error, utcnow
+from dr.platforms.azure._arm import SDK_ERRORS, arm_error, error_code, utcnow
 from dr.platforms.azure._state import OperationLog
 
 log = logging.getLogger("dr.azure.servers")
 
 #: A recorded operation for other parameters older than this is taken as abandoned.
 STALE_OPERATION = timedelta(days=1)
+#: Azure's codes for a request refused because the server is in the middle of another operation
+BUSY_CODES = frozenset({"ServerIsBusy", "ServerBusy"})
 
 
 class ServerOperations:
@@ -35,22 +42,32 @@ class ServerOperations:
         resource_group: the resource group of the servers.
         resource_id: the ARM resource id of a server, by name.
         records: where the continuation tokens are kept.
-        progress_interval: seconds between two progress log lines while waiting.
+        state_of: the state Azure reports for a server (said while waiting for a busy one).
+        progress_interval: seconds between two progress log lines while waiting, and between
+            two tries of a request refused because the server was busy.
     """
 
     def __init__(self, client: PostgreSQLManagementClient, resource_group: str, resource_id: Callable[[str], str],
-                 records: OperationLog, *, progress_interval: float = 30.0):
+                 records: OperationLog, *, state_of: Callable[[str], str] = lambda name: "busy",
+                 progress_interval: float = 30.0):
         self.client = client
         self.resource_group = resource_group
         self.resource_id = resource_id
         self.records = records
+        self.state_of = state_of
         self.progress_interval = progress_interval
 
     def _error(self, exc: Exception, *, server: str | None, doing: str) -> DrError:
         return arm_error(exc, server=server, doing=doing, resource_group=self.resource_group)
 
-    def wait(self, poller: LROPoller, *, what: str, server: str, timeout: float) -> Any:
-        """Wait for an operation with a deadline, logging progress; raises our errors."""
+    def wait(self, poller: LROPoller, *, what: str, server: str, timeout: float, budget: float | None = None) -> Any:
+        """Wait for an operation with a deadline, logging progress; raises our errors.
+
+        Args:
+            timeout: seconds left to wait.
+            budget: the whole time the caller allowed (named in the timeout's message), when
+                part of it went before the wait (e.g. waiting for a busy server).
+        """
         start = time.monotonic()
         deadline = start + timeout
         try:
@@ -58,7 +75,7 @@ class ServerOperations:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise OperationTimedOut(
-                        f"{what} did not finish within {timeout:g} s (Azure status: {poller.status()})",
+                        f"{what} did not finish within {budget or timeout:g} s (Azure status: {poller.status()})",
                         server=server,
                         world_state=f"Azure is still working on it; the operation is recorded in "
                                     f"{self.records.path}",
@@ -136,20 +153,42 @@ class ServerOperations:
             return False
         return True
 
+    def begin(self, name: str, begin: Callable[[], LROPoller], *, what: str, timeout: float) -> LROPoller:
+        """Ask Azure to start an operation; while the server is busy with another, ask again until `timeout`.
+
+        Raises:
+            OperationTimedOut: the server was still busy at the deadline; nothing was started.
+        """
+        start = time.monotonic()
+        while True:
+            try:
+                return begin()
+            except SDK_ERRORS as exc:
+                if error_code(exc) not in BUSY_CODES:
+                    raise self._error(exc, server=name, doing=what) from exc
+                waited = time.monotonic() - start
+                state = self.state_of(name)
+                if waited >= timeout:
+                    raise OperationTimedOut(
+                        f"{what} was not possible: server {name} stayed busy with another operation ({state}) "
+                        f"for {waited:.0f} s", server=name,
+                        world_state=f"nothing was sent: Azure refused it while {name} was {state}",
+                        resume_hint="run the same command again once the server's operation has ended") from exc
+                log.info("%s: server %s is busy with another operation (%s); %s waits for it (%.0f s of %.0f s)",
+                         what, name, state, what, waited, timeout)
+                time.sleep(max(0.0, min(self.progress_interval, timeout - waited)))
+
     def start(self, name: str, begin: Callable[[], LROPoller], *, operation: str, fingerprint: dict[str, Any],
-              what: str) -> LROPoller:
-        """Ask Azure to start an operation and record it as soon as it is accepted."""
-        try:
-            poller = begin()
-        except SDK_ERRORS as exc:
-            raise self._error(exc, server=name, doing=what) from exc
+              what: str, timeout: float) -> LROPoller:
+        """Ask Azure to start an operation (`begin`) and record it as soon as it is accepted."""
+        poller = self.begin(name, begin, what=what, timeout=timeout)
         self.record(name, poller, operation, fingerprint)
         return poller
 
-    def finish(self, name: str, poller: LROPoller, *, what: str, timeout: float) -> Any:
+    def finish(self, name: str, poller: LROPoller, *, what: str, timeout: float, budget: float | None = None) -> Any:
         """Wait for a started operation; its record is kept only when it is still running (timed out)."""
         try:
-            result = self.wait(poller, what=what, server=name, timeout=timeout)
+            result = self.wait(poller, what=what, server=name, timeout=timeout, budget=budget)
         except OperationTimedOut:
             raise
         except DrError:

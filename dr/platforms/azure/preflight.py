@@ -10,7 +10,7 @@ import fnmatch
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
-from dr.errors import ServerNotFound
+from dr.errors import DrError, ServerNotFound
 from dr.platforms.azure._arm import SDK_ERRORS, value_of
 
 if TYPE_CHECKING:
@@ -95,6 +95,17 @@ class AzurePreflight:
                            f"re-creating it: az monitor diagnostic-settings delete --resource {rid} --name <name>")
         return True, "none left behind"
 
+    def server_name(self, name: str) -> tuple[bool, str]:
+        """Whether a lost server can come back under its own name (Azure keeps a dropped one's name)."""
+        try:
+            free, why = self.servers.name_available(name)
+        except DrError as exc:
+            return False, f"could not check ({exc.message})"
+        if free:
+            return True, f"free: a revived or re-created '{name}' keeps its name, and the app its address"
+        return False, (f"{why}: as Microsoft advises, the server comes back under a new name, and the recovery pauses "
+                       "for the app to be pointed at it")
+
     def run(self, name: str) -> list[Check]:
         """The checks of server `name` (see `AzureServers.preflight`)."""
         s = self.servers
@@ -105,7 +116,8 @@ class AzurePreflight:
         live = s._find(name)
         if live is None:
             out = [("server", False, f"'{name}' not found in resource group '{s.resource_group}'"), roles, password,
-                   self._check("leftover diagnostic settings", lambda: self.leftover_diagnostics(name))]
+                   self._check("leftover diagnostic settings", lambda: self.leftover_diagnostics(name)),
+                   self._check("server name", lambda: self.server_name(name))]
             try:
                 net = (s._template_settings(name).get("network") or {})
             except ServerNotFound:

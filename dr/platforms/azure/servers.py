@@ -70,7 +70,8 @@ REVIVE_WINDOW = timedelta(days=5)
 #: Azure can restore up to a few minutes before now; ask for no later than this.
 RESTORE_LAG = timedelta(minutes=5)
 TAG_REVIVED_FROM = "dr-revived-from-drop-utc"
-_TRANSITIONAL = {"Provisioning", "Starting", "Updating", "Restarting"}
+#: states a server passes through on its way to Ready (or Stopped): waited for, never taken as ready
+_TRANSITIONAL = {"Provisioning", "Starting", "Stopping", "Updating", "Restarting"}
 
 
 def _settings_of(server: pg.Server) -> dict[str, Any]:
@@ -133,7 +134,7 @@ class AzureServers(ServerPlatform):
         self.dropped = DroppedLog(self.state_dir)
         self.progress_interval = progress_interval
         self.ops = ServerOperations(client, resource_group, self.resource_id, self.operations,
-                                    progress_interval=progress_interval)
+                                    state_of=self._state_of, progress_interval=progress_interval)
 
     def __repr__(self) -> str:
         return f"AzureServers(resource_group={self.resource_group!r})"
@@ -159,6 +160,14 @@ class AzureServers(ServerPlatform):
             return self._get(name)
         except ServerNotFound:
             return None
+
+    def _state_of(self, name: str) -> str:
+        """The server's state as Azure reports it, for people ("gone" when it does not exist)."""
+        try:
+            s = self._find(name)
+        except DrError as exc:
+            return f"state unknown: {exc.message}"
+        return str(value_of(s.state)) if s is not None else "gone"
 
     def _info(self, s: pg.Server) -> ServerInfo:
         version = str(value_of(s.version) or "0").split(".")[0]
@@ -186,11 +195,12 @@ class AzureServers(ServerPlatform):
     def _create(self, name: str, body: pg.Server, *, operation: str, fingerprint: dict[str, Any], what: str,
                 timeout: float) -> ServerInfo:
         """Start a server-creating operation, record it at once, and wait for it."""
+        deadline = time.monotonic() + timeout
         poller = self.ops.start(
             name, lambda: self.client.servers.begin_create_or_update(self.resource_group, name, body),
-            operation=operation, fingerprint=fingerprint, what=what)
-        log.info("%s: accepted by Azure; waiting up to %.0f s", what, timeout)
-        self.ops.finish(name, poller, what=what, timeout=timeout)
+            operation=operation, fingerprint=fingerprint, what=what, timeout=timeout)
+        log.info("%s: accepted by Azure; waiting up to %.0f s", what, deadline - time.monotonic())
+        self.ops.finish(name, poller, what=what, timeout=max(0.0, deadline - time.monotonic()), budget=timeout)
         return self.get_server(name)
 
     def _create_idempotently(self, name: str, *, operation: str, fingerprint: dict[str, Any],
@@ -222,9 +232,7 @@ class AzureServers(ServerPlatform):
             raise
 
     def _ensure_ready(self, info: ServerInfo, timeout: float) -> ServerInfo:
-        """Start a stopped server, or wait for one that is still being made."""
-        if info.state == "Stopped":
-            return self.start_server(info.name, timeout=timeout)
+        """Wait for a server that is between states (being made, stopped, updated...), then start it if Stopped."""
         deadline = time.monotonic() + timeout
         while info.state in _TRANSITIONAL:
             if time.monotonic() >= deadline:
@@ -233,6 +241,8 @@ class AzureServers(ServerPlatform):
             time.sleep(min(self.progress_interval, max(0.0, deadline - time.monotonic())))
             info = self.get_server(info.name)
             log.info("server %s is %s", info.name, info.state)
+        if info.state == "Stopped":
+            return self.start_server(info.name, timeout=max(0.0, deadline - time.monotonic()))
         return info
 
     # --- ServerPlatform -------------------------------------------------------------
@@ -252,11 +262,10 @@ class AzureServers(ServerPlatform):
     def start_server(self, name: str, *, timeout: float = 1800) -> ServerInfo:
         """Start a stopped server and wait until it is ready."""
         what = f"start of server '{name}'"
-        try:
-            poller = self.client.servers.begin_start(self.resource_group, name)
-        except SDK_ERRORS as exc:
-            raise self._error(exc, server=name, doing=what) from exc
-        self.ops.wait(poller, what=what, server=name, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        poller = self.ops.begin(name, lambda: self.client.servers.begin_start(self.resource_group, name), what=what,
+                                timeout=timeout)
+        self.ops.wait(poller, what=what, server=name, timeout=max(0.0, deadline - time.monotonic()), budget=timeout)
         return self.get_server(name)
 
     def _template_settings(self, name: str) -> dict[str, Any]:
@@ -328,13 +337,26 @@ class AzureServers(ServerPlatform):
             PlatformError: the server was not created by this tool and `force` is not set.
         """
         what = f"deletion of server '{name}'"
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         recorded = self.ops.recorded(name)
         if recorded and recorded.get("operation") != "delete":
-            # e.g. a restore that timed out and is now being tidied up: the deletion supersedes it
-            log.warning("forgetting the unfinished %s of %s: the server is being deleted", recorded.get("operation"),
-                        name)
-            self.ops.forget(name)
-        if self.ops.finish_recorded(name, "delete", {}, what, timeout):
+            # e.g. a restore that timed out and is now being tidied up: Azure refuses a delete until it has ended
+            log.info("%s: waiting for the unfinished %s of %s (started %s) to end first", what,
+                     recorded.get("operation"), name, recorded.get("started_at"))
+            try:
+                self.ops.finish_recorded(name, recorded["operation"], recorded.get("fingerprint") or {},
+                                         f"the unfinished {recorded.get('operation')} of {name}", left())
+            except OperationTimedOut as exc:
+                raise exc.annotate(world_state=f"nothing was deleted: {name} is still being made",
+                                   resume_hint="run the same command again later") from None
+            except DrError as exc:  # it failed: whatever it left is deleted below
+                log.warning("the unfinished %s of %s ended in failure (%s); deleting what is left",
+                            recorded.get("operation"), name, exc)
+        if self.ops.finish_recorded(name, "delete", {}, what, left()):
             return
         s = self._find(name)
         if s is None:
@@ -347,14 +369,14 @@ class AzureServers(ServerPlatform):
                 f"{TAG_CREATED_BY}={TAG_CREATED_BY_VALUE}); pass force=True to delete it anyway", server=name)
         try:
             poller = self.ops.start(name, lambda: self.client.servers.begin_delete(self.resource_group, name),
-                                    operation="delete", fingerprint={}, what=what)
+                                    operation="delete", fingerprint={}, what=what, timeout=left())
         except ServerNotFound:
             return  # gone between the look and the delete
         dropped = {"name": name, "resource_id": s.id or self.resource_id(name), "dropped_at": utcnow().isoformat(),
                    "settings": _settings_of(s)}
         self.dropped.add(dropped)
         try:
-            self.ops.finish(name, poller, what=what, timeout=timeout)
+            self.ops.finish(name, poller, what=what, timeout=left(), budget=timeout)
         except ServerNotFound:
             pass  # gone while we looked
         except OperationTimedOut:
@@ -374,12 +396,41 @@ class AzureServers(ServerPlatform):
                 out.append(DroppedServer(e["name"], at, at + REVIVE_WINDOW, e["resource_id"]))
         return sorted(out, key=lambda d: d.dropped_at, reverse=True)
 
-    def revive_dropped_server(self, name: str, *, resource_id: str | None = None, dropped_at: datetime | None = None,
-                              location: str | None = None, timeout: float = 1800) -> ServerInfo:
+    def name_available(self, name: str, *, location: str | None = None) -> tuple[bool, str]:
+        """Whether Azure would give `name` to a new server now, and Azure's word when not.
+
+        Server names are global, and a dropped server's name stays taken while Azure keeps it
+        for revival (Microsoft: revive it "with a different name"); `checkNameAvailability` says so.
+
+        Args:
+            name: the server name.
+            location: the region to ask in (default: the target's server's, live or as recorded).
+        """
+        if location is None:
+            try:
+                location = self._template_settings(self.default_template or name)["location"]
+            except ServerNotFound:
+                location = None
+        request = pg.CheckNameAvailabilityRequest(name=name, type="Microsoft.DBforPostgreSQL/flexibleServers")
+        try:
+            answer = (self.client.name_availability.check_with_location(location, request) if location
+                      else self.client.name_availability.check_globally(request))
+        except SDK_ERRORS as exc:
+            raise self._error(exc, server=name, doing=f"asking Azure whether the name '{name}' is free") from exc
+        if answer.name_available:
+            return True, f"Azure would give the name '{name}' to a new server"
+        return False, answer.message or f"Azure will not give the name '{name}' to a new server ({answer.reason})"
+
+    def revive_dropped_server(self, name: str, *, new_name: str | None = None, resource_id: str | None = None,
+                              dropped_at: datetime | None = None, location: str | None = None,
+                              timeout: float = 1800) -> ServerInfo:
         """Bring back a dropped server with all its data (`createMode=ReviveDropped`).
 
         Args:
-            name: the server to bring back (it gets its old name).
+            name: the dropped server to bring back.
+            new_name: the name the revived server gets (default `name`). Azure keeps a dropped
+                server's name while it can be revived, and Microsoft's instructions revive it
+                under a different one (see `name_available`).
             resource_id: the dropped server's resource id, for a server this tool did not
                 drop (find it in the resource group's activity log); default: the newest
                 drop of `name` recorded by this tool.
@@ -427,10 +478,12 @@ class AzureServers(ServerPlatform):
             tags = {**(settings.get("tags") or {}), TAG_REVIVED_FROM: at.isoformat()}
             return pg.Server(location=location or settings["location"], tags=tags, properties=props)
 
+        target = new_name or name
         info = self._create_idempotently(
-            name, operation="revive", fingerprint={"resource_id": rid, "dropped_at": at.isoformat()},
+            target, operation="revive", fingerprint={"resource_id": rid, "dropped_at": at.isoformat()},
             matches=lambda i: i.tags.get(TAG_REVIVED_FROM) == at.isoformat(), build=build,
-            what=f"revive of dropped server '{name}' (dropped {at.isoformat()})", timeout=timeout)
+            what=f"revive of dropped server '{name}' (dropped {at.isoformat()})"
+                 + (f" as '{target}'" if target != name else ""), timeout=timeout)
         self.dropped.remove(rid, entry["dropped_at"])
         return info
 

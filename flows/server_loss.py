@@ -28,6 +28,7 @@ from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_
 from tasks.notifications import flow_run_link, notify
 from tasks.reports import publish_report
 from tasks.servers import (
+    geo_restore_refusals_task,
     geo_restore_task,
     geo_server_name,
     get_server_task,
@@ -87,6 +88,10 @@ def server_loss(
         if t.geo_restore is None:
             raise InvalidInput(f"geo-restore needs the paired region: set geo_restore = {{ location = \"...\" }} "
                                f"(and the subnet and DNS zone there) for services.{service}.environments.{environment}")
+        refusals = geo_restore_refusals_task(ref)
+        if refusals:
+            raise InvalidInput(f"geo-restore of {t.server} to {t.geo_restore.location} is not possible: "
+                               + "; ".join(refusals))
     plan = plan_server_loss(ref, backup)
     publish_plan(plan)
     if plan_only:
@@ -133,8 +138,10 @@ def server_loss(
                     if srv is not None and srv.tags.get(TAG_INCIDENT) != incident:
                         raise ServerExists(f"server {geo_name} exists and is not this incident's geo-restore",
                                            server=geo_name)
-                    if srv is None:
+                    made = srv is None
+                    if made or srv.state != "Ready":  # a re-run re-attaches to the running operation
                         srv = geo_restore_task(ref, tags={TAG_INCIDENT: incident})
+                    if made:
                         record.servers_created.append(srv.name)
                     how = "geo-restored"
                     ev.detail = f"{t.server} geo-restored as {srv.name} in {t.geo_restore.location} ({srv.host})"

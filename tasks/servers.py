@@ -103,6 +103,18 @@ def geo_restore_task(ref: Ref, tags: dict[str, str] | None = None) -> ServerInfo
                                   private_dns_zone_arm_resource_id=geo.private_dns_zone_arm_resource_id, tags=tags)
 
 
+@dr_task
+def geo_restore_refusals_task(ref: Ref) -> list[str]:
+    """Why a geo-restore of the server into the configured region cannot work (empty: it can); read-only."""
+    rt = ref.rt()
+    geo = rt.target.geo_restore
+    check = getattr(rt.servers, "geo_restore_refusals", None)
+    if geo is None or check is None:
+        return []
+    return check(rt.target.server, location=geo.location, delegated_subnet_resource_id=geo.delegated_subnet_resource_id,
+                 private_dns_zone_arm_resource_id=geo.private_dns_zone_arm_resource_id)
+
+
 def geo_server_name(server: str, configured: str | None = None) -> str:
     """The geo-restored server's name: configured, or `<server>-geo`."""
     return configured or server[:59].rstrip("-") + "-geo"

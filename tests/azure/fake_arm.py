@@ -18,6 +18,9 @@ keeps servers in a dict. Implemented, with the status codes and headers ARM uses
   or that a dropped server holds while Azure keeps it (`dropped_retention_days`, 5), is
   refused with 409 `ServerAlreadyExists` ("Specified server name 'x' is already used.
   Please use a different name and try again."), and `checkNameAvailability` says so.
+- A geo-restore is refused (400) from a source without `geoRedundantBackup: Enabled`, and
+  from a source in a virtual network without a delegated subnet and a private DNS zone for
+  the new server (the rules of Microsoft's geo-restore docs; the wording is the fake's).
 - Faults: `inject(method, path_contains, status, ...)` answers the next matching
   requests with a canned status (429 with Retry-After, 503, 400, 404, ...).
 
@@ -401,6 +404,8 @@ class FakeArm:
             template = pool.get(src.lower())
             if template is None:
                 return 400, {}, _error("InvalidSourceServer", f"The source server '{src}' was not found.")
+            if mode == "GeoRestore" and (refused := self._geo_refusal(template, props, body["location"])):
+                return refused
         elif mode in ("Create", "Default"):
             if not props.get("administratorLoginPassword") or not body.get("sku"):
                 return 400, {}, _error("InvalidParameterValue", "sku and administratorLoginPassword are required.")
@@ -429,6 +434,21 @@ class FakeArm:
 
         headers = self._start_operation(sub, body["location"], name, done)
         return 202, headers, None
+
+    @staticmethod
+    def _geo_refusal(source: dict[str, Any], props: dict[str, Any], location: str) -> tuple[int, dict[str, str], Any] | None:
+        """Why Azure refuses a geo-restore of `source` with these properties (None: it accepts it)."""
+        name = source["name"]
+        if (source["properties"].get("backup") or {}).get("geoRedundantBackup") != "Enabled":
+            return 400, {}, _error("GeoRestoreNotSupported", f"Geo-restore is not possible: server '{name}' was "
+                                   "created without geo-redundant backup (backup.geoRedundantBackup is not Enabled).")
+        if (source["properties"].get("network") or {}).get("delegatedSubnetResourceId"):
+            net = props.get("network") or {}
+            if not (net.get("delegatedSubnetResourceId") and net.get("privateDnsZoneArmResourceId")):
+                return 400, {}, _error("InvalidParameterValue", f"Server '{name}' uses private access: a geo-restore "
+                                       f"needs a delegated subnet and a private DNS zone for the new server in "
+                                       f"region '{location}'.")
+        return None
 
     def _busy(self, rid: str, name: str) -> tuple[int, dict[str, str], Any] | None:
         """Azure's refusal of an operation on a server that is in the middle of another one."""

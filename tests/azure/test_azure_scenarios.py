@@ -47,7 +47,7 @@ resource_group = "{resource_group}"
 storage_account = "{account}"
 container = "{container}"
 admin_user = "azadmin"   # the local platform's own administrator is dradmin
-geo_restore = {{ location = "ukwest", delegated_subnet_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/virtualNetworks/ukwest-vnet/subnets/postgres" }}
+geo_restore = {{ location = "ukwest", delegated_subnet_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/virtualNetworks/ukwest-vnet/subnets/postgres", private_dns_zone_arm_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/privateDnsZones/ukwest.private.postgres.database.azure.com" }}
 checks = [
   {{ kind = "healthcheck" }},
   {{ kind = "row_count", table = "candidates", min = 1 }},
@@ -377,6 +377,28 @@ class TestPlanOnAzure:
         assert any("admin password" in b and "DR_AZURE_PG_PASSWORD" in b for b in r["blockers"]), r["blockers"]
         assert len(env.arm.calls("PUT")) == puts_before and env.blobs() == []
         assert not env.platform.app.get_status().maintenance
+
+    def test_a_geo_restore_is_refused_in_the_plan_for_each_rule(self, azure_env):
+        from dr.errors import InvalidInput
+        from flows.server_loss import server_loss
+
+        env = azure_env
+        kw = {**env.kw(), "recovery": "geo-restore", "plan_only": True}
+        r = server_loss(**{**env.kw(), "plan_only": True})
+        assert "geo-restore (region outage): available" in r["plan"]
+        # 1. a VNet source, but no private DNS zone given for the target region
+        config = Path(env.config_path)
+        no_dns = config.with_name("no-dns.toml")
+        no_dns.write_text(re.sub(r', private_dns_zone_arm_resource_id = "[^"]*"', "", config.read_text()))
+        with pytest.raises(InvalidInput, match=r"private access.*needs a private DNS zone \(geo_restore\.private_dns"):
+            server_loss(**{**kw, "config_path": str(no_dns)})
+        # 2. a source made without geo-redundant backups (Azure keeps no copy in the paired region)
+        env.arm.server(env.target.server)["properties"]["backup"]["geoRedundantBackup"] = "Disabled"
+        with pytest.raises(InvalidInput, match=r"no geo-redundant backups"):
+            server_loss(**kw)
+        r = server_loss(**{**env.kw(), "plan_only": True})  # the plain plan says so too
+        assert "geo-restore (region outage): NOT possible: server" in r["plan"], r["plan"]
+        assert env.arm.calls("PUT") == [] and not env.platform.app.get_status().maintenance
 
 
 class TestGeoRestoreOnAzure:

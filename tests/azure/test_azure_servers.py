@@ -19,6 +19,7 @@ from fake_arm import _error
 
 from dr.errors import (
     ConfigError,
+    InvalidInput,
     InvalidRestoreTime,
     OperationTimedOut,
     PlatformError,
@@ -452,6 +453,46 @@ class TestGeoRestoreAndPreflight:
         assert props["network"] == {"delegatedSubnetResourceId": "/subscriptions/x/ukwest-vnet/subnets/pg",
                                     "privateDnsZoneArmResourceId": "/subscriptions/x/privateDnsZones/z"}
         assert put.body["tags"][TAG_PURPOSE] == "geo-restore"
+        assert TAG_RESTORE_TIME not in put.body["tags"]  # Azure takes the latest geo-backup: no time was chosen
+
+    GEO = dict(location="ukwest", delegated_subnet_resource_id="/subscriptions/x/ukwest-vnet/subnets/pg",
+               private_dns_zone_arm_resource_id="/subscriptions/x/privateDnsZones/z")
+
+    def test_a_source_without_geo_redundant_backup_is_refused_before_anything(self, servers, arm):
+        arm.server(PRIMARY)["properties"]["backup"]["geoRedundantBackup"] = "Disabled"
+        with pytest.raises(InvalidInput, match=r"no geo-redundant backups \(backup.geoRedundantBackup is Disabled\)"):
+            servers.geo_restore(PRIMARY, "apply-geo-2", **self.GEO)
+        assert arm.calls("PUT") == []
+        # ... as Azure itself would refuse it
+        body = {"location": "ukwest", "properties": {"createMode": "GeoRestore", "pointInTimeUTC": "2026-01-01T00:00:00Z",
+                "sourceServerResourceId": arm.server(PRIMARY)["id"],
+                "network": {"delegatedSubnetResourceId": "s", "privateDnsZoneArmResourceId": "z"}}}
+        from azure.core.exceptions import HttpResponseError
+
+        with pytest.raises(HttpResponseError, match="GeoRestoreNotSupported"):
+            servers.client.servers.begin_create_or_update(RESOURCE_GROUP, "apply-geo-2", body)
+
+    @pytest.mark.parametrize("missing", ["delegated_subnet_resource_id", "private_dns_zone_arm_resource_id"])
+    def test_a_vnet_source_needs_a_subnet_and_a_dns_zone_in_the_target_region(self, servers, arm, missing):
+        with pytest.raises(InvalidInput, match=rf"uses private access.*needs .*geo_restore\.{missing}"):
+            servers.geo_restore(PRIMARY, "apply-geo-3", **{**self.GEO, missing: None})
+        assert arm.calls("PUT") == []
+
+    def test_no_restore_time_can_be_chosen(self, servers, arm):
+        with pytest.raises(InvalidInput, match="latest geo-replicated backup"):
+            servers.geo_restore(PRIMARY, "apply-geo-4", point_in_time_utc=utcnow() - timedelta(hours=1), **self.GEO)
+        assert arm.calls("PUT") == []
+
+    def test_a_rerun_re_attaches_instead_of_server_exists(self, make_servers, arm):
+        crashed = make_servers(polling_interval=3600)
+        with pytest.raises(OperationTimedOut):
+            crashed.geo_restore(PRIMARY, "apply-geo-5", timeout=0.3, **self.GEO)
+        time.sleep(1.1)  # a later second: a time in the request would differ now
+        info = make_servers().geo_restore(PRIMARY, "apply-geo-5", timeout=10, **self.GEO)
+        assert info.state == "Ready" and len(arm.server_calls("PUT", "apply-geo-5")) == 1
+        # and once made, the same request reuses it
+        assert make_servers().geo_restore(PRIMARY, "apply-geo-5", **self.GEO).name == "apply-geo-5"
+        assert len(arm.server_calls("PUT", "apply-geo-5")) == 1
 
     def test_preflight_of_a_vnet_server(self, servers, monkeypatch):
         monkeypatch.setenv("DR_AZURE_PG_PASSWORD", "pw-pw-pw-pw")

@@ -547,41 +547,79 @@ class AzureServers(ServerPlatform):
             matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
             build=build, what=what, timeout=timeout)
 
+    def geo_restore_refusals(self, source: str, *, location: str, delegated_subnet_resource_id: str | None = None,
+                             private_dns_zone_arm_resource_id: str | None = None) -> list[str]:
+        """Why a geo-restore of `source` with these settings cannot work (empty: it can), read-only.
+
+        Microsoft's rules: the source must have been created with geo-redundant backups (it
+        cannot be turned on later), and a server with private access needs a delegated subnet
+        and a private DNS zone in the target region for the new server.
+        """
+        s = self._template_settings(source)
+        out = []
+        geo = (s.get("backup") or {}).get("geoRedundantBackup")
+        if geo != "Enabled":
+            out.append(f"server '{source}' has no geo-redundant backups (backup.geoRedundantBackup is {geo or 'unset'}): "
+                       "Azure keeps no copy in the paired region to restore from, and the setting can only be chosen "
+                       "when a server is created")
+        if (s.get("network") or {}).get("delegatedSubnetResourceId"):
+            missing = [what for what, given in (("a delegated subnet (geo_restore.delegated_subnet_resource_id)",
+                                                 delegated_subnet_resource_id),
+                                                ("a private DNS zone (geo_restore.private_dns_zone_arm_resource_id)",
+                                                 private_dns_zone_arm_resource_id)) if not given]
+            if missing:
+                out.append(f"server '{source}' uses private access (a virtual network): a geo-restored server in "
+                           f"{location} needs {' and '.join(missing)} there")
+        return out
+
     def geo_restore(self, source: str, new_name: str, *, location: str, point_in_time_utc: datetime | None = None,
                     delegated_subnet_resource_id: str | None = None,
                     private_dns_zone_arm_resource_id: str | None = None,
                     tags: dict[str, str] | None = None, timeout: float = 3600) -> ServerInfo:
         """Restore `source` from its geo-redundant backup onto a new server in another region.
 
+        Azure restores the latest geo-replicated backup: there is no time to choose, so none is
+        tagged and a re-run (same source, name and region) re-attaches to the running operation
+        or reuses the server it made.
+
         Args:
             source: the server to restore (created with geo-redundant backups).
             new_name: the server to create.
             location: the region of the new server (the source's paired region).
-            point_in_time_utc: the time to restore to (default: now; Azure takes the latest
-                geo-replicated backup).
+            point_in_time_utc: must be None: a geo-restore has no point-in-time choice.
             delegated_subnet_resource_id: the subnet, in that region, for a VNet server.
             private_dns_zone_arm_resource_id: the private DNS zone for a VNet server.
             tags: extra tags for the new server.
             timeout: seconds to wait for Azure.
+
+        Raises:
+            InvalidInput: a time was given, or a rule of `geo_restore_refusals` is broken
+                (checked before anything is sent).
         """
-        target = as_utc(point_in_time_utc) if point_in_time_utc else utcnow().replace(microsecond=0)
-        stamp = target.isoformat()
+        if point_in_time_utc is not None:
+            raise InvalidInput("a geo-restore takes the latest geo-replicated backup: no restore time can be chosen "
+                               "(for a point in time, restore in the server's own region)")
         network = None
         if delegated_subnet_resource_id or private_dns_zone_arm_resource_id:
             network = pg.Network(delegated_subnet_resource_id=delegated_subnet_resource_id,
                                  private_dns_zone_arm_resource_id=private_dns_zone_arm_resource_id)
 
         def build() -> pg.Server:
+            refusals = self.geo_restore_refusals(source, location=location,
+                                                 delegated_subnet_resource_id=delegated_subnet_resource_id,
+                                                 private_dns_zone_arm_resource_id=private_dns_zone_arm_resource_id)
+            if refusals:
+                raise InvalidInput(f"geo-restore of '{source}' to {location} is not possible: {'; '.join(refusals)}")
             src = self._get(source)
             all_tags = {**(tags or {}), TAG_CREATED_BY: TAG_CREATED_BY_VALUE, TAG_PURPOSE: "geo-restore",
-                        TAG_SOURCE: source, TAG_RESTORE_TIME: stamp}
-            return self._restore_body(src, pg.CreateMode.GEO_RESTORE, target, all_tags, location=location,
-                                      network=network)
+                        TAG_SOURCE: source}
+            # Azure's API wants a time; the request's own is sent, and the latest geo-backup is what comes back
+            return self._restore_body(src, pg.CreateMode.GEO_RESTORE, utcnow().replace(microsecond=0), all_tags,
+                                      location=location, network=network)
 
         return self._create_idempotently(
-            new_name, operation="geo-restore", fingerprint={"source": source, "point_in_time_utc": stamp,
-                                                             "location": location},
-            matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
+            new_name, operation="geo-restore", fingerprint={"source": source, "location": location},
+            matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_PURPOSE) == "geo-restore",
             build=build, what=f"geo-restore of '{source}' to '{new_name}' in {location}", timeout=timeout)
 
     def connection(self, name: str, database: str) -> ConnInfo:

@@ -28,6 +28,7 @@ from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_
 from tasks.notifications import flow_run_link, notify
 from tasks.reports import publish_report
 from tasks.servers import (
+    follow_ups_task,
     geo_restore_refusals_task,
     geo_restore_task,
     geo_server_name,
@@ -176,6 +177,8 @@ def server_loss(
                     ev.detail = f"{how} {srv.name}"
                 record.facts["server"] = f"{how}: {t.server}" if srv.name == t.server else \
                     f"{how}: {srv.name} in place of {t.server}"
+                for i, todo in enumerate(follow_ups_task(ref, srv.name), 1):
+                    record.facts[f"to do {i}"] = todo
                 state = f"server {srv.name} {how}; maintenance page on"
 
             if how == "recreated":

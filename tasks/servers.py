@@ -104,6 +104,14 @@ def geo_restore_task(ref: Ref, tags: dict[str, str] | None = None) -> ServerInfo
 
 
 @dr_task
+def follow_ups_task(ref: Ref, name: str) -> list[str]:
+    """What a person must still do on a server made in place of the service's (Azure: high availability)."""
+    rt = ref.rt()
+    follow_ups = getattr(rt.servers, "follow_ups", None)
+    return follow_ups(name, like=rt.target.server) if follow_ups else []
+
+
+@dr_task
 def geo_restore_refusals_task(ref: Ref) -> list[str]:
     """Why a geo-restore of the server into the configured region cannot work (empty: it can); read-only."""
     rt = ref.rt()

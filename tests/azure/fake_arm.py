@@ -21,6 +21,11 @@ keeps servers in a dict. Implemented, with the status codes and headers ARM uses
 - A geo-restore is refused (400) from a source without `geoRedundantBackup: Enabled`, and
   from a source in a virtual network without a delegated subnet and a private DNS zone for
   the new server (the rules of Microsoft's geo-restore docs; the wording is the fake's).
+- `.../{server}/firewallRules[/{rule}]`: list, get, PUT (202 + operation) and DELETE, per
+  server; a restored, revived or geo-restored server starts with none and without high
+  availability, as on Azure.
+- DELETE of a missing server answers 204, as the spec says; `Date` headers carry the fake's
+  own clock (`clock_skew`), as Azure's carry Azure's.
 - Faults: `inject(method, path_contains, status, ...)` answers the next matching
   requests with a canned status (429 with Retry-After, 503, 400, 404, ...).
 
@@ -53,6 +58,9 @@ DNS_LINKS_RE = re.compile(r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg
                           r"privateDnsZones/[^/]+/virtualNetworkLinks$", re.IGNORECASE)
 NAME_CHECK_RE = re.compile(r"^/subscriptions/[^/]+/providers/Microsoft\.DBforPostgreSQL/(?:locations/[^/]+/)?"
                            r"checkNameAvailability$", re.IGNORECASE)
+CHILD_RE = re.compile(r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.DBforPostgreSQL/"
+                      r"flexibleServers/(?P<name>[^/]+)/(?P<kind>firewallRules|configurations)(?:/(?P<child>[^/]+))?$",
+                      re.IGNORECASE)
 DIAGNOSTICS_RE = re.compile(r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.DBforPostgreSQL/"
                             r"flexibleServers/(?P<name>[^/]+)/providers/Microsoft\.Insights/diagnosticSettings$",
                             re.IGNORECASE)
@@ -120,7 +128,9 @@ class FakeArm:
             self.never_finish: set[str] = set()  # server names whose operations stay InProgress
             self.settles: dict[str, list[Any]] = {}  # server name -> [reads left, state after]
             self.fail_operations: dict[str, dict[str, str]] = {}  # server name -> error of its next operation
-            self.delete_missing_status = 404
+            self.delete_missing_status = 204
+            self.firewall: dict[str, dict[str, dict[str, str]]] = {}  # server name -> rule name -> properties
+            self.clock_skew = timedelta(0)  # Azure's clock, in the Date headers, against ours
             self.poll_retry_after: str | None = None
             # what the preflight reads: the caller's permissions (Contributor), DNS zone links (None: one link
             # to the resource group's VNet), and diagnostic settings left by deleted servers (by server name)
@@ -312,6 +322,10 @@ class FakeArm:
             m = DIAGNOSTICS_RE.match(path)
             if m and method == "GET":
                 return 200, {}, {"value": copy.deepcopy(self.diagnostic_settings.get(m.group("name"), []))}
+            m = CHILD_RE.match(path)
+            if m:
+                return self._child(method, m.group("sub"), m.group("rg"), m.group("name"), m.group("kind").lower(),
+                                   m.group("child"), body)
             m = SERVER_RE.match(path)
             if not m:
                 return 404, {}, _error("InvalidResourceType", f"no such endpoint {path}")
@@ -415,8 +429,9 @@ class FakeArm:
         if template is not None:
             for k in ("sku",):
                 doc[k] = copy.deepcopy(template[k])
-            for k in ("version", "storage", "highAvailability"):
+            for k in ("version", "storage"):
                 doc["properties"][k] = copy.deepcopy(template["properties"][k])
+            doc["properties"]["highAvailability"] = {"mode": "Disabled", "state": "NotEnabled"}
             doc["properties"]["network"] = {"publicNetworkAccess": "Enabled"}
         else:
             doc["sku"] = body.get("sku", doc["sku"])
@@ -434,6 +449,49 @@ class FakeArm:
 
         headers = self._start_operation(sub, body["location"], name, done)
         return 202, headers, None
+
+    def _child(self, method: str, sub: str, rg: str, name: str, kind: str, child: str | None,
+               body: Any) -> tuple[int, dict[str, str], Any]:
+        """A server's firewall rules (and, in subclasses, other sub-resources)."""
+        doc = self.servers.get(self.server_id(sub, rg, name).lower())
+        if doc is None:
+            return 404, {}, _error("ResourceNotFound", f"The Resource '{PROVIDER}/flexibleServers/{name}' under "
+                                   f"resource group '{rg}' was not found.")
+        if kind != "firewallrules":
+            return self._configurations(method, doc, child, body)
+        rules = self.firewall.setdefault(name, {})
+
+        def rule(rule_name: str) -> dict[str, Any]:
+            return {"id": f"{doc['id']}/firewallRules/{rule_name}", "name": rule_name,
+                    "type": "Microsoft.DBforPostgreSQL/flexibleServers/firewallRules",
+                    "properties": dict(rules[rule_name])}
+
+        if child is None and method == "GET":
+            return 200, {}, {"value": [rule(r) for r in sorted(rules)]}
+        if child is None:
+            return 405, {}, _error("MethodNotAllowed", method)
+        if method == "GET":
+            return (200, {}, rule(child)) if child in rules else (404, {}, _error("ResourceNotFound", child))
+        if method == "PUT":
+            props = (body or {}).get("properties") or {}
+            if not props.get("startIpAddress") or not props.get("endIpAddress"):
+                return 400, {}, _error("InvalidParameterValue", "startIpAddress and endIpAddress are required.")
+            if busy := self._busy(doc["id"], name):
+                return busy
+
+            def done() -> None:
+                rules[child] = {"startIpAddress": props["startIpAddress"], "endIpAddress": props["endIpAddress"]}
+
+            return 202, self._start_operation(sub, doc["location"], name, done), None
+        if method == "DELETE":
+            if child not in rules:
+                return 204, {}, None
+            return 202, self._start_operation(sub, doc["location"], name, lambda: rules.pop(child, None)), None
+        return 405, {}, _error("MethodNotAllowed", method)
+
+    def _configurations(self, method: str, doc: dict[str, Any], child: str | None,
+                        body: Any) -> tuple[int, dict[str, str], Any]:
+        return 404, {}, _error("InvalidResourceType", "configurations are not modelled by this fake")
 
     @staticmethod
     def _geo_refusal(source: dict[str, Any], props: dict[str, Any], location: str) -> tuple[int, dict[str, str], Any] | None:
@@ -499,6 +557,14 @@ def _error(code: str, message: str) -> dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     arm: FakeArm
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header, on the fake Azure's clock."""
+        import email.utils
+        import time as _time
+
+        when = (timestamp if timestamp is not None else _time.time()) + self.arm.clock_skew.total_seconds()
+        return email.utils.formatdate(when, usegmt=True)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         pass

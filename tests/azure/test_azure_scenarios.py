@@ -316,6 +316,9 @@ class TestServerLossOnAzure:
         assert r["recovery"] == "revived"
         assert env.scalar("SELECT count(*) FROM markers", server=new) == 33
         assert any("switch the app to the revived server" in d and new in d for d in r["decisions"]), r["decisions"]
+        # Azure revives without high availability: the report says what to do
+        assert f"high availability: {env.target.server} had ZoneRedundant; {new} has none" in Path(
+            r["report"]).read_text()
         assert not env.bodies(env.target.server)  # the held name was never asked for
         revive = env.bodies(new)[-1]
         assert revive["properties"]["createMode"] == "ReviveDropped"

@@ -312,7 +312,7 @@ class TestDelete:
         [dropped] = servers.list_dropped_servers()
         assert dropped.name == "apply-ptr-old"
         assert dropped.resource_id == arm.server_id(SUBSCRIPTION, RESOURCE_GROUP, "apply-ptr-old")
-        assert before <= dropped.dropped_at <= utcnow()
+        assert before.replace(microsecond=0) <= dropped.dropped_at <= utcnow()  # Azure's Date: whole seconds
         assert dropped.revivable_until == dropped.dropped_at + timedelta(days=5)
 
     def test_already_gone_is_success(self, servers, arm):
@@ -396,6 +396,9 @@ class TestRevive:
         assert put.body["location"] == old["location"]
         assert put.body["tags"]["team"] == "apply"
         assert servers.list_dropped_servers() == []
+        # what it was is still known: Azure revived it without its high availability
+        assert "had ZoneRedundant; apply-ptr-back has none" in servers.follow_ups("apply-ptr-back",
+                                                                                  like="apply-ptr-gone")[0]
 
     def test_revives_a_server_dropped_by_someone_else_by_resource_id(self, servers, arm):
         doc = arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "legacy-pg")
@@ -537,6 +540,60 @@ class TestGeoRestoreAndPreflight:
         assert missing["server"] == (False, f"'missing-pg' not found in resource group '{RESOURCE_GROUP}'")
         assert missing["leftover diagnostic settings"] == (True, "none left behind")
         assert missing["server name"][0] and "keeps its name" in missing["server name"][1]
+
+
+class TestWhatARestoredServerLacks:
+    """Azure makes restored servers without firewall rules or high availability; the tool makes up for it."""
+
+    RULES = {"office": {"startIpAddress": "203.0.113.10", "endIpAddress": "203.0.113.20"},
+             "AllowAllAzureServicesAndResourcesWithinAzureIps": {"startIpAddress": "0.0.0.0", "endIpAddress": "0.0.0.0"}}
+
+    def test_a_public_servers_firewall_rules_are_copied_to_its_restore(self, servers, arm):
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "public-pg", vnet=False)
+        arm.firewall["public-pg"] = {k: dict(v) for k, v in self.RULES.items()}
+        when = (utcnow() - timedelta(hours=2)).replace(microsecond=0)
+        servers.point_in_time_restore("public-pg", "public-ptr", when)
+        assert arm.firewall["public-ptr"] == self.RULES
+        puts = {r.path.rsplit("/", 1)[-1]: r.body for r in arm.calls("PUT", "/public-ptr/firewallRules/")}
+        assert puts == {name: {"properties": rule} for name, rule in self.RULES.items()}
+        # the same request again finds them there and sends nothing
+        servers.point_in_time_restore("public-pg", "public-ptr", when)
+        assert len(arm.calls("PUT", "/public-ptr/firewallRules/")) == 2
+
+    def test_a_dropped_public_servers_rules_are_recorded_and_given_to_its_revival(self, servers, arm):
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "public-gone", vnet=False, tags=OURS)
+        arm.firewall["public-gone"] = {k: dict(v) for k, v in self.RULES.items()}
+        servers.delete_server("public-gone")
+        servers.revive_dropped_server("public-gone", new_name="public-back")
+        assert arm.firewall["public-back"] == self.RULES
+
+    def test_a_vnet_server_has_no_rules_to_copy(self, servers, arm):
+        servers.point_in_time_restore(PRIMARY, "apply-ptr-fw", (utcnow() - timedelta(hours=2)).replace(microsecond=0))
+        assert arm.calls("GET", "/firewallRules") == [] and arm.calls("PUT", "/firewallRules") == []
+
+    def test_lost_high_availability_is_a_follow_up(self, servers, arm):
+        servers.point_in_time_restore(PRIMARY, "apply-ptr-ha", (utcnow() - timedelta(hours=2)).replace(microsecond=0))
+        [todo] = servers.follow_ups("apply-ptr-ha", like=PRIMARY)
+        assert todo.startswith(f"high availability: {PRIMARY} had ZoneRedundant; apply-ptr-ha has none")
+        assert "--high-availability ZoneRedundant" in todo
+        assert servers.follow_ups(PRIMARY, like=PRIMARY) == []
+
+    def test_revive_asks_for_the_time_azure_took_the_delete(self, servers, arm):
+        arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "apply-ptr-clock", tags=OURS)
+        arm.clock_skew = timedelta(seconds=-90)  # Azure's clock, as its answers carry it, is not ours
+        before = utcnow()
+        servers.delete_server("apply-ptr-clock")
+        servers.revive_dropped_server("apply-ptr-clock", new_name="apply-ptr-clock2")
+        sent = parse_utc(arm.server_calls("PUT", "apply-ptr-clock2")[0].body["properties"]["pointInTimeUTC"])
+        assert before - timedelta(seconds=92) <= sent <= utcnow() - timedelta(seconds=88)
+
+    def test_a_delete_answered_204_records_no_drop(self, servers, arm):
+        doc = arm.add_server(SUBSCRIPTION, RESOURCE_GROUP, "racy204-pg", tags=OURS)
+        arm.inject("GET", "/flexibleServers/racy204-pg", 200, body=dict(doc),
+                   on_hit=lambda: arm.servers.pop(doc["id"].lower()))  # gone right after it was read
+        servers.delete_server("racy204-pg")
+        assert len(arm.server_calls("DELETE", "racy204-pg")) == 1
+        assert servers.list_dropped_servers() == [] and servers.operations.record.read() == {}
 
 
 class TestFactory:

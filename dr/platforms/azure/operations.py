@@ -185,6 +185,22 @@ class ServerOperations:
         self.record(name, poller, operation, fingerprint)
         return poller
 
+    @staticmethod
+    def answer_of(poller: LROPoller) -> tuple[int | None, datetime | None]:
+        """The status code of Azure's first answer to an operation, and the time it gave (its `Date`), when known."""
+        import email.utils
+
+        initial = getattr(poller.polling_method(), "_initial_response", None)
+        response = getattr(initial, "http_response", None)
+        if response is None:
+            return None, None
+        date = response.headers.get("Date")
+        try:
+            when = email.utils.parsedate_to_datetime(date) if date else None
+        except (TypeError, ValueError):
+            when = None
+        return response.status_code, when
+
     def finish(self, name: str, poller: LROPoller, *, what: str, timeout: float, budget: float | None = None) -> Any:
         """Wait for a started operation; its record is kept only when it is still running (timed out)."""
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +46,7 @@ from dr.platforms.azure._arm import (
     value_of,
 )
 from dr.platforms.azure._state import DroppedLog, OperationLog, default_state_dir
+from dr.platforms.azure.firewall import FirewallRules, is_public
 from dr.platforms.azure.operations import ServerOperations
 from dr.platforms.azure.preflight import NEEDED_ACTIONS, AzurePreflight
 from dr.platforms.base import (
@@ -135,6 +136,7 @@ class AzureServers(ServerPlatform):
         self.progress_interval = progress_interval
         self.ops = ServerOperations(client, resource_group, self.resource_id, self.operations,
                                     state_of=self._state_of, progress_interval=progress_interval)
+        self.firewall = FirewallRules(client, resource_group, self.ops)
 
     def __repr__(self) -> str:
         return f"AzureServers(resource_group={self.resource_group!r})"
@@ -245,6 +247,45 @@ class AzureServers(ServerPlatform):
             return self.start_server(info.name, timeout=max(0.0, deadline - time.monotonic()))
         return info
 
+    def _carry_firewall_rules(self, source: str, new: str, *, recorded: dict[str, Any] | None = None,
+                              timeout: float) -> None:
+        """Copy the firewall rules of a public-access `source` onto `new` (Azure makes it without any).
+
+        Args:
+            source: the server replaced or restored.
+            new: the server made in its place.
+            recorded: the settings recorded when this tool dropped `source` (its rules among them).
+            timeout: seconds to wait for Azure.
+        """
+        live = self._find(source) if recorded is None else None
+        settings = _settings_of(live) if live is not None else (recorded or {})
+        if not is_public(settings.get("network")) or settings.get("network") is None:
+            return
+        rules = self.firewall.list(source) if live is not None else settings.get("firewallRules")
+        if rules is None:
+            log.warning("the firewall rules of %s are not known (not recorded when it was dropped); %s has none: "
+                        "add the app's addresses to it", source, new)
+            return
+        self.firewall.copy(rules, new, timeout=timeout)
+
+    def follow_ups(self, name: str, *, like: str) -> list[str]:
+        """What a person must still do on server `name`, made in place of `like`, that the tool does not.
+
+        Azure makes a restored, revived or geo-restored server without high availability: when
+        `like` had it, it has to be enabled again (it needs a standby and is billed as such).
+        """
+        try:
+            had = (self._template_settings(like).get("highAvailability") or {}).get("mode") or "Disabled"
+        except ServerNotFound:
+            return []
+        now = self._get(name).high_availability
+        mode = str(value_of(now.mode)) if now is not None and now.mode else "Disabled"
+        if had != "Disabled" and mode == "Disabled":
+            return [f"high availability: {like} had {had}; {name} has none. Enable it again once the service is back: "
+                    f"az postgres flexible-server update --resource-group {self.resource_group} --name {name} "
+                    f"--high-availability {had}"]
+        return []
+
     # --- ServerPlatform -------------------------------------------------------------
 
     def get_server(self, name: str) -> ServerInfo:
@@ -320,9 +361,13 @@ class AzureServers(ServerPlatform):
             return pg.Server(location=s["location"], tags={**copied, **(tags or {})},
                              sku=pg.Sku(s["sku"]) if s.get("sku") else None, properties=props)
 
-        return self._create_idempotently(name, operation="create", fingerprint=fingerprint, matches=lambda i: False,
+        info = self._create_idempotently(name, operation="create", fingerprint=fingerprint, matches=lambda i: False,
                                          build=build, what=f"creation of server '{name}' like '{template}'",
                                          timeout=timeout)
+        live = self._find(template)
+        self._carry_firewall_rules(template, name, recorded=None if live else self._template_settings(template),
+                                   timeout=timeout)
+        return info
 
     def delete_server(self, name: str, *, force: bool = False, timeout: float = 1800) -> None:
         """Delete (drop) a server; succeeds if it is already gone.
@@ -367,13 +412,23 @@ class AzureServers(ServerPlatform):
             raise PlatformError(
                 f"refusing to delete server '{name}': it was not created by this tool (no tag "
                 f"{TAG_CREATED_BY}={TAG_CREATED_BY_VALUE}); pass force=True to delete it anyway", server=name)
+        settings = _settings_of(s)
+        if is_public(settings.get("network")):  # Azure does not keep them: recorded for a revive or re-creation
+            settings["firewallRules"] = self.firewall.list(name)
+        asked = utcnow()
         try:
             poller = self.ops.start(name, lambda: self.client.servers.begin_delete(self.resource_group, name),
                                     operation="delete", fingerprint={}, what=what, timeout=left())
         except ServerNotFound:
             return  # gone between the look and the delete
-        dropped = {"name": name, "resource_id": s.id or self.resource_id(name), "dropped_at": utcnow().isoformat(),
-                   "settings": _settings_of(s)}
+        status, submitted = self.ops.answer_of(poller)
+        if status == 204:  # the spec's answer for a server that is not there: nothing was dropped
+            self.ops.forget(name)
+            log.info("server %s was already gone when the deletion reached Azure", name)
+            return
+        # the drop's time is its submission, as Azure's activity log has it (Azure's clock, from its answer)
+        dropped = {"name": name, "resource_id": s.id or self.resource_id(name),
+                   "dropped_at": (submitted or asked).astimezone(timezone.utc).isoformat(), "settings": settings}
         self.dropped.add(dropped)
         try:
             self.ops.finish(name, poller, what=what, timeout=left(), budget=timeout)
@@ -391,6 +446,8 @@ class AzureServers(ServerPlatform):
         now = utcnow()
         out = []
         for e in self.dropped.entries():
+            if e.get("revived_as"):
+                continue
             at = datetime.fromisoformat(e["dropped_at"])
             if at + REVIVE_WINDOW >= now:
                 out.append(DroppedServer(e["name"], at, at + REVIVE_WINDOW, e["resource_id"]))
@@ -442,8 +499,8 @@ class AzureServers(ServerPlatform):
             ServerNotFound: no such dropped server within the 5-day window.
             ServerExists: a different server of that name exists.
         """
-        entries = [e for e in self.dropped.entries()
-                   if (e["resource_id"].lower() == resource_id.lower() if resource_id else e["name"] == name)]
+        entries = [e for e in self.dropped.entries() if not e.get("revived_as")
+                   and (e["resource_id"].lower() == resource_id.lower() if resource_id else e["name"] == name)]
         entry = max(entries, key=lambda e: e["dropped_at"]) if entries else None
         if entry is None:
             if resource_id is None:
@@ -484,7 +541,8 @@ class AzureServers(ServerPlatform):
             matches=lambda i: i.tags.get(TAG_REVIVED_FROM) == at.isoformat(), build=build,
             what=f"revive of dropped server '{name}' (dropped {at.isoformat()})"
                  + (f" as '{target}'" if target != name else ""), timeout=timeout)
-        self.dropped.remove(rid, entry["dropped_at"])
+        self._carry_firewall_rules(name, target, recorded=settings, timeout=timeout)
+        self.dropped.mark_revived(rid, entry["dropped_at"], target)
         return info
 
     def get_restore_window(self, name: str) -> RestoreWindow:
@@ -542,10 +600,12 @@ class AzureServers(ServerPlatform):
             return self._restore_body(src, pg.CreateMode.POINT_IN_TIME_RESTORE, target, all_tags,
                                       network=_network_to_copy(src.network))
 
-        return self._create_idempotently(
+        info = self._create_idempotently(
             new_name, operation="point-in-time-restore", fingerprint={"source": source, "point_in_time_utc": stamp},
             matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
             build=build, what=what, timeout=timeout)
+        self._carry_firewall_rules(source, new_name, timeout=timeout)
+        return info
 
     def geo_restore_refusals(self, source: str, *, location: str, delegated_subnet_resource_id: str | None = None,
                              private_dns_zone_arm_resource_id: str | None = None) -> list[str]:
@@ -617,10 +677,16 @@ class AzureServers(ServerPlatform):
             return self._restore_body(src, pg.CreateMode.GEO_RESTORE, utcnow().replace(microsecond=0), all_tags,
                                       location=location, network=network)
 
-        return self._create_idempotently(
+        info = self._create_idempotently(
             new_name, operation="geo-restore", fingerprint={"source": source, "location": location},
             matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_PURPOSE) == "geo-restore",
             build=build, what=f"geo-restore of '{source}' to '{new_name}' in {location}", timeout=timeout)
+        try:
+            self._carry_firewall_rules(source, new_name, timeout=timeout)
+        except DrError as exc:  # the source's region may be the one that is down
+            log.warning("could not copy the firewall rules of %s onto %s (%s): add the app's addresses to it",
+                        source, new_name, exc.message)
+        return info
 
     def connection(self, name: str, database: str) -> ConnInfo:
         """Connection settings for a database: the server's FQDN, TLS required, the admin login."""

@@ -38,21 +38,3 @@ def server_version_text(conn: ConnInfo) -> str:
     """The server's full version, e.g. `15.18`."""
     with connect(conn) as c:
         return str(c.execute("SHOW server_version").fetchone()[0]).split()[0]
-
-
-def configured_parameters(admin: ConnInfo) -> dict[str, str]:
-    """Parameters set in a configuration file (not left at the built-in default), less what the platform manages."""
-    with connect(admin) as c:
-        rows = c.execute("SELECT name, setting, unit FROM pg_settings WHERE source = 'configuration file' "
-                         "ORDER BY 1").fetchall()
-    return {n: _with_unit(v, u) for n, v, u in rows if n not in PLATFORM_MANAGED_PARAMETERS}
-
-
-def _with_unit(value: str, unit: str | None) -> str:
-    """`pg_settings` gives `setting` in `unit` (e.g. 8192 with unit 8kB): say it so it can be set again as it is."""
-    if not unit or not value.lstrip("-").isdigit():
-        return value
-    if unit[0].isdigit():  # "8kB", "16MB": the setting counts units of that size
-        n = int("".join(ch for ch in unit if ch.isdigit()))
-        return f"{int(value) * n}{unit.lstrip('0123456789')}"
-    return f"{value}{unit}"

@@ -252,15 +252,16 @@ class ServerPlatform(abc.ABC):
         return ExtensionSupport(server=snapshot.server, version=snapshot.version, available=None)
 
     def get_server_parameters(self, name: str) -> dict[str, str]:
-        """The server parameters that differ from the platform's defaults (name → value).
+        """The server parameters that differ from the platform's defaults (name → value), as the
+        platform sets them (local: `ALTER SYSTEM`; Azure: the configurations API's user overrides),
+        without what the platform manages itself (port, archiving, recovery, TLS files).
 
-        Default: what `pg_settings` says came from a configuration file. Platforms override
-        this with what they set themselves (local: `ALTER SYSTEM`; Azure: the configurations
-        API's user overrides), leaving out what the platform manages (port, archiving, ...).
+        Raises:
+            PlatformError: the platform cannot read them (the default).
         """
-        from dr.catalog import configured_parameters
+        from dr.errors import PlatformError
 
-        return configured_parameters(self.connection(name, "postgres"))
+        raise PlatformError(f"the {self.name} platform cannot read server parameters", server=name)
 
     def set_server_parameters(self, name: str, parameters: dict[str, str], *,
                               timeout: float = 1800) -> ParameterChange:
@@ -280,17 +281,26 @@ class ServerPlatform(abc.ABC):
     def get_server_snapshot(self, name: str) -> ServerSnapshot:
         """A snapshot of the server: version, size, network, non-default parameters, extensions.
 
-        Default: what SQL can see (no SKU, storage or network); platforms override it.
+        Default: what SQL can see (no SKU, storage or network); parameters as
+        `get_server_parameters` gives them, or, where the platform cannot read them, none, with
+        `extra["parameters_unknown"]` saying why (shown in plans: never taken for "no parameters").
         """
         from dr.catalog import database_extensions, server_version_text
         from dr.database import list_databases
+        from dr.errors import PlatformError
 
         info = self.get_server(name)
         admin = self.connection(name, "postgres")
+        extra: dict[str, str] = {}
+        try:
+            parameters = self.get_server_parameters(name)
+        except PlatformError as exc:
+            parameters, extra["parameters_unknown"] = {}, exc.message
         return ServerSnapshot(
             server=name, platform=self.name, taken_at=datetime.now(timezone.utc), version=info.version,
-            version_full=server_version_text(admin), parameters=self.get_server_parameters(name),
+            version_full=server_version_text(admin), parameters=parameters,
             extensions={db: database_extensions(self.connection(name, db)) for db in list_databases(admin)},
+            extra=extra,
         )
 
     def create_server_from_snapshot(self, name: str, snapshot: ServerSnapshot, *, tags: dict[str, str] | None = None,

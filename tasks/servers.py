@@ -126,3 +126,17 @@ def geo_restore_refusals_task(ref: Ref) -> list[str]:
 def geo_server_name(server: str, configured: str | None = None) -> str:
     """The geo-restored server's name: configured, or `<server>-geo`."""
     return configured or server[:59].rstrip("-") + "-geo"
+
+
+@dr_task(retries=2)
+def extension_support_task(ref: Ref, server: str | None = None):  # -> ExtensionSupport
+    """The extensions the server can create: installed, and allow-listed where the platform has a list."""
+    rt = ref.rt()
+    return rt.servers.get_extension_support(server or rt.target.server)
+
+
+@dr_task(retries=1)
+def set_server_parameters_task(ref: Ref, parameters: dict[str, str], server: str | None = None):  # -> ParameterChange
+    """Set server parameters, restarting the server if they need it, and wait until it is ready."""
+    rt = ref.rt()
+    return rt.servers.set_server_parameters(server or rt.target.server, parameters)

@@ -13,6 +13,18 @@ is recorded) whose servers are real PostgreSQL clusters of the local platform:
   certificate and an administrator role with the password the tool reads from
   `DR_AZURE_PG_PASSWORD` (for a create, the `administratorLoginPassword` that was sent).
 - `backup.earliestRestoreDate` is the cluster's first base backup.
+- `azure.extensions` is enforced by the cluster itself, as on Azure, where `CREATE EXTENSION`
+  of anything not allow-listed fails: each allow-list gets an installation of its own, a
+  copy of the system PostgreSQL's `postgres` and `pg_ctl` in the same directory layout, so
+  that PostgreSQL (which finds its share directory relative to its own executable) reads
+  another `share/extension/`. That one lists every control file (so `pg_available_extensions`
+  shows all Azure offers, as on Azure) but holds the install scripts of the allow-listed
+  extensions only: anything else fails with "extension "x" has no installation script nor
+  update path". Nothing of it is in the database, so `pg_dump` never carries it into a backup
+  (an event trigger would be dumped, and refused on restore). The server is restarted on
+  the installation of its allow-list whenever it changes (Azure needs no restart for it;
+  here it ends the sessions). Other modelled parameters are set with `ALTER SYSTEM`
+  (reloaded; the static ones take effect at the restart Azure asks for).
 
 The clusters need PostgreSQL built with SSL for both the server and the client tools (the
 system's PostgreSQL, not the embedded one), as real Azure does.
@@ -50,13 +62,17 @@ class Forwarder:
         self.sock.bind((ip, PG_PORT))
         self.sock.listen(64)
         self.closed = False
-        threading.Thread(target=self._accept, name=f"fwd-{ip}", daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, name=f"fwd-{ip}", daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while not self.closed:
             try:
                 client, _ = self.sock.accept()
             except OSError:
+                return
+            if self.closed:
+                client.close()
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
@@ -103,7 +119,19 @@ class Forwarder:
         upstream.close()
 
     def close(self) -> None:
+        """Stop listening, and the accepting thread with it.
+
+        Closing the socket alone leaves that thread waiting on the descriptor's number, which
+        the next test's forwarder may get: it would then take that forwarder's connections and
+        close them ("server closed the connection unexpectedly", seen in a full run). A
+        shutdown wakes the thread first.
+        """
         self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
         self.sock.close()
 
 
@@ -240,7 +268,9 @@ class BackedArm(FakeArm):
         for database in databases:
             self.hand_over(name, database)
         self.local.take_base_backup(name)  # so that restores start from a copy with TLS on
-        return self.add_server(sub, rg, name, tags=tags)
+        doc = self.add_server(sub, rg, name, tags=tags)
+        self.enforce(name)  # no extension allow-listed yet, as on a new Azure server
+        return doc
 
     def materialize(self, name: str, mode: str, props: dict[str, Any], doc: dict[str, Any]) -> None:
         if mode == "PointInTimeRestore":
@@ -266,6 +296,7 @@ class BackedArm(FakeArm):
             self.azurify(name, props.get("administratorLoginPassword"))
         else:
             raise NotImplementedError(f"the backed fake cannot {mode}")
+        self.enforce(name)  # its allow-list: the source's for a restore, none for a new server
         self._describe(name, doc)
 
     def _rename(self, old: str, new: str) -> None:
@@ -280,6 +311,70 @@ class BackedArm(FakeArm):
         local._write_meta(new, meta)
         local._write_conf(new, meta["port"], archive=meta.get("archive", True))
         local.start_server(new)
+
+    # --- server parameters, applied to the cluster ------------------------------------------
+
+    def _installation(self, allowed: frozenset[str]) -> Any:
+        """`PgTools` of an installation whose `CREATE EXTENSION` takes only `allowed` (see the module docstring)."""
+        import hashlib
+        import os
+        import subprocess
+
+        from dr.commands import PgTools
+
+        real_bin = Path(self.local.tools.bin_dir)
+        key = hashlib.sha256(",".join(sorted(allowed)).encode()).hexdigest()[:12]
+        root = self.local.state_dir / "azure-installations" / key
+        paths = dict(line.split(" = ", 1) for line in subprocess.run(
+            [str(real_bin / "pg_config")], capture_output=True, text=True, check=True).stdout.splitlines()
+            if " = " in line)
+        bin_dir, share, pkglib = (Path(paths[k]) for k in ("BINDIR", "SHAREDIR", "PKGLIBDIR"))
+        mine = root / bin_dir.relative_to("/")
+        if not (mine / "pg_ctl").exists():
+            mine.mkdir(parents=True)
+            for program in real_bin.iterdir():  # the server and pg_ctl copied (PostgreSQL resolves symlinks)
+                if program.name in ("postgres", "pg_ctl"):
+                    shutil.copy2(program, mine / program.name)
+                else:
+                    (mine / program.name).symlink_to(program)
+            (root / pkglib.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
+            if not (root / pkglib.relative_to("/")).exists():
+                (root / pkglib.relative_to("/")).symlink_to(pkglib)
+            my_share = root / share.relative_to("/")
+            (my_share / "extension").mkdir(parents=True)
+            for entry in share.iterdir():
+                if entry.name != "extension":
+                    (my_share / entry.name).symlink_to(entry)
+            for f in (share / "extension").iterdir():
+                ext = f.name.split("--")[0].removesuffix(".control").removesuffix(".sql")
+                if f.name.endswith(".control") or ext in allowed | {"plpgsql"}:
+                    (my_share / "extension" / f.name).symlink_to(f)
+            for d in [root, *root.rglob("*")]:
+                if not d.is_symlink():
+                    os.chmod(d, os.stat(d).st_mode | 0o055)
+        return PgTools.default(mine)
+
+    def enforce(self, name: str) -> None:
+        """Run server `name`'s cluster on the installation of its `azure.extensions` (restarting it if needed)."""
+        import copy as _copy
+
+        allowed = frozenset(v.strip().lower() for v in self.configs.get(name, {}).get("azure.extensions", "").split(",")
+                            if v.strip())
+        shadow = _copy.copy(self.local)
+        shadow.tools = self._installation(allowed)
+        self.local.stop_server(name)
+        shadow.start_server(name)
+
+    def on_configuration(self, name: str, parameter: str, value: str) -> None:
+        if parameter == "azure.extensions":
+            self.enforce(name)
+            return
+        with psycopg.connect(**self.local.connection(name, "postgres").psycopg_kwargs(), autocommit=True) as c:
+            c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(parameter), sql.Literal(value)))
+            c.execute("SELECT pg_reload_conf()")
+
+    def on_restart(self, name: str) -> None:
+        self.enforce(name)  # started again, on its allow-list's installation
 
     def dematerialize(self, name: str, doc: dict[str, Any]) -> None:
         if self.local.server_exists(name):

@@ -24,6 +24,14 @@ keeps servers in a dict. Implemented, with the status codes and headers ARM uses
 - `.../{server}/firewallRules[/{rule}]`: list, get, PUT (202 + operation) and DELETE, per
   server; a restored, revived or geo-restored server starts with none and without high
   availability, as on Azure.
+- `.../{server}/configurations[/{name}]` (server parameters): list, get and PUT (202 +
+  operation) of the parameters in `PARAMETERS`, with Azure's `source`, `isReadOnly`,
+  `isDynamicConfig` and `isConfigPendingRestart`; a value outside `allowedValues` (for
+  `azure.extensions`: an extension Azure does not offer) is refused with 400
+  `InvalidParameterValue`, a read-only one too; a static parameter stays pending until a
+  restart. A new server starts with the defaults; a restore, revive or geo-restore keeps
+  its source's values. `on_configuration(name, parameter, value)` and `on_restart(name)`
+  are the hooks a backed fake applies them with.
 - DELETE of a missing server answers 204, as the spec says; `Date` headers carry the fake's
   own clock (`clock_skew`), as Azure's carry Azure's.
 - Faults: `inject(method, path_contains, status, ...)` answers the next matching
@@ -65,6 +73,25 @@ DIAGNOSTICS_RE = re.compile(r"^/subscriptions/[^/]+/resourceGroups/[^/]+/provide
                             r"flexibleServers/(?P<name>[^/]+)/providers/Microsoft\.Insights/diagnosticSettings$",
                             re.IGNORECASE)
 TOKEN = "test-token"
+#: the extensions Azure offers for `azure.extensions` (its allowedValues, upper case as Azure lists them)
+AZURE_EXTENSIONS = ("ADDRESS_STANDARDIZER,AMCHECK,BLOOM,BTREE_GIN,BTREE_GIST,CITEXT,CUBE,DBLINK,DICT_INT,DICT_XSYN,"
+                    "EARTHDISTANCE,FUZZYSTRMATCH,HSTORE,INTAGG,INTARRAY,ISN,LO,LTREE,PAGEINSPECT,PG_BUFFERCACHE,PG_CRON,"
+                    "PG_FREESPACEMAP,PG_PARTMAN,PG_PREWARM,PG_STAT_STATEMENTS,PG_TRGM,PG_VISIBILITY,PGCRYPTO,PGROWLOCKS,"
+                    "PGSTATTUPLE,POSTGIS,POSTGRES_FDW,SEG,TABLEFUNC,TSM_SYSTEM_ROWS,TSM_SYSTEM_TIME,UNACCENT,UUID-OSSP,"
+                    "VECTOR")
+#: the server parameters the fake models (Azure has hundreds): name -> (default, data type, allowed values,
+#: dynamic, read-only)
+PARAMETERS: dict[str, tuple[str, str, str, bool, bool]] = {
+    "azure.extensions": ("", "Set", AZURE_EXTENSIONS, True, False),
+    "shared_preload_libraries": ("pg_cron,pg_stat_statements", "Set", "AUTO_EXPLAIN,PG_CRON,PG_PARTMAN_BGW,"
+                                 "PG_PREWARM,PG_SQUEEZE,PG_STAT_STATEMENTS,PGAUDIT,PGLOGICAL,WAL2JSON", False, False),
+    "max_connections": ("859", "Integer", "25-5000", False, False),
+    "work_mem": ("4096", "Integer", "4096-2097151", True, False),
+    "log_min_duration_statement": ("-1", "Integer", "-1-2147483647", True, False),
+    "idle_in_transaction_session_timeout": ("0", "Integer", "0-2147483647", True, False),
+    "archive_command": ("BlobLogUpload.sh %f %p", "String", ".*", True, True),
+}
+
 #: states in which Azure refuses another operation on the server (409 ServerIsBusy)
 BUSY_STATES = {"Provisioning", "Dropping", "Starting", "Stopping", "Updating", "Restarting"}
 
@@ -130,6 +157,8 @@ class FakeArm:
             self.fail_operations: dict[str, dict[str, str]] = {}  # server name -> error of its next operation
             self.delete_missing_status = 204
             self.firewall: dict[str, dict[str, dict[str, str]]] = {}  # server name -> rule name -> properties
+            self.configs: dict[str, dict[str, str]] = {}  # server name -> parameter -> value set by a user
+            self.pending_restart: dict[str, set[str]] = {}  # server name -> static parameters set since a start
             self.clock_skew = timedelta(0)  # Azure's clock, in the Date headers, against ours
             self.poll_retry_after: str | None = None
             # what the preflight reads: the caller's permissions (Contributor), DNS zone links (None: one link
@@ -215,6 +244,12 @@ class FakeArm:
 
     def dematerialize(self, name: str, doc: dict[str, Any]) -> None:
         """Called when a delete operation succeeds, before the server is gone."""
+
+    def on_configuration(self, name: str, parameter: str, value: str) -> None:
+        """Called when a configuration PUT succeeds (a backed fake applies it to its cluster)."""
+
+    def on_restart(self, name: str) -> None:
+        """Called when a restart (or start) succeeds."""
 
     # --- data ---------------------------------------------------------------------
 
@@ -426,6 +461,8 @@ class FakeArm:
         now = datetime.now(timezone.utc)
         doc = self.add_server(sub, rg, name, location=body["location"], state="Provisioning", created=now,
                               earliest=now)
+        self.configs[name] = dict(self.configs.get(template["name"], {})) if template is not None else {}
+        self.pending_restart[name] = set()
         if template is not None:
             for k in ("sku",):
                 doc[k] = copy.deepcopy(template[k])
@@ -491,7 +528,57 @@ class FakeArm:
 
     def _configurations(self, method: str, doc: dict[str, Any], child: str | None,
                         body: Any) -> tuple[int, dict[str, str], Any]:
-        return 404, {}, _error("InvalidResourceType", "configurations are not modelled by this fake")
+        name = doc["name"]
+        values = self.configs.setdefault(name, {})
+        pending = self.pending_restart.setdefault(name, set())
+
+        def config(parameter: str) -> dict[str, Any]:
+            default, kind, allowed, dynamic, read_only = PARAMETERS[parameter]
+            value = values.get(parameter, default)
+            source = "user-override" if parameter in values or read_only else "system-default"
+            return {"id": f"{doc['id']}/configurations/{parameter}", "name": parameter,
+                    "type": "Microsoft.DBforPostgreSQL/flexibleServers/configurations",
+                    "properties": {"value": value, "defaultValue": default, "dataType": kind, "allowedValues": allowed,
+                                   "source": source, "isDynamicConfig": dynamic, "isReadOnly": read_only,
+                                   "isConfigPendingRestart": parameter in pending,
+                                   "description": f"{parameter} (modelled by the fake)"}}
+
+        if child is None:
+            if method != "GET":
+                return 405, {}, _error("MethodNotAllowed", method)
+            return 200, {}, {"value": [config(p) for p in sorted(PARAMETERS)]}
+        if child not in PARAMETERS:
+            return 404, {}, _error("ResourceNotFound", f"The configuration '{child}' does not exist for server "
+                                   f"'{name}'.")
+        if method == "GET":
+            return 200, {}, config(child)
+        if method not in ("PUT", "PATCH"):
+            return 405, {}, _error("MethodNotAllowed", method)
+        value = str(((body or {}).get("properties") or {}).get("value", ""))
+        default, kind, allowed, dynamic, read_only = PARAMETERS[child]
+        invalid = _error("InvalidParameterValue", f"Invalid value given for parameter '{child}'. Specify a valid "
+                         "parameter value.")
+        if read_only:
+            return 400, {}, _error("ReadOnlyConfiguration", f"The parameter '{child}' is read-only.")
+        if kind == "Set":
+            offered = {a.strip().lower() for a in allowed.split(",")}
+            if any(v.strip().lower() not in offered for v in value.split(",") if v.strip()):
+                return 400, {}, invalid
+        elif kind == "Integer":
+            low, high = (int(x) for x in re.fullmatch(r"(-?\d+)-(-?\d+)", allowed).groups())  # type: ignore[union-attr]
+            if not re.fullmatch(r"-?\d+", value) or not low <= int(value) <= high:
+                return 400, {}, invalid
+        if busy := self._busy(doc["id"], name):
+            return busy
+        sub = doc["id"].split("/")[2]
+
+        def done() -> None:
+            values[child] = value
+            if not dynamic:
+                pending.add(child)
+            self.on_configuration(name, child, value)
+
+        return 202, self._start_operation(sub, doc["location"], name, done), None
 
     @staticmethod
     def _geo_refusal(source: dict[str, Any], props: dict[str, Any], location: str) -> tuple[int, dict[str, str], Any] | None:
@@ -544,6 +631,9 @@ class FakeArm:
         doc["properties"]["state"] = {"start": "Starting", "stop": "Stopping", "restart": "Restarting"}[action]
 
         def done() -> None:
+            if action in ("start", "restart"):
+                self.pending_restart[name] = set()
+                self.on_restart(name)
             doc["properties"]["state"] = "Ready" if action in ("start", "restart") else "Stopped"
 
         sub = rid.split("/")[2]

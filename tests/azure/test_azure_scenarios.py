@@ -168,8 +168,8 @@ class TestConnection:
         assert conn.sslmode == "require" and conn.user == azure_env.target.admin_user
         assert azure_env.scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
 
-    def test_the_admin_is_azures_not_a_superuser(self, azure_env):
-        # Azure: "LOGIN, NOSUPERUSER, INHERIT, CREATEDB, CREATEROLE, REPLICATION", member of azure_pg_admin
+        # the admin is Azure's, not a superuser: "LOGIN, NOSUPERUSER, INHERIT, CREATEDB, CREATEROLE, REPLICATION",
+        # member of azure_pg_admin
         row = azure_env.query(
             "SELECT rolsuper, rolinherit, rolcreatedb, rolcreaterole, rolbypassrls, "
             "pg_has_role(current_user, 'azure_pg_admin', 'member'), "
@@ -256,6 +256,58 @@ class TestRestoreAsTheAzureAdmin:
         with pytest.raises(RestoreError, match=rf"GRANT apply_owner TO {env.target.admin_user}"):
             restore()
         assert sorted(d[0] for d in env.query("SELECT datname FROM pg_database")) == before
+
+
+class TestExtensionsOnAzure:
+    """azure.extensions: the backed servers refuse CREATE EXTENSION of anything not allow-listed, as Azure does."""
+
+    def test_a_citext_pgcrypto_database_restores_only_where_the_allow_list_was_carried_over(self, azure_env):
+        from dr.backup import take_backup
+        from dr.commands import PgTools
+        from dr.errors import RestoreError
+        from dr.restore import restore_backup
+
+        env = azure_env
+        servers, store, live = env.platform.servers, env.platform.store, env.target.server
+        tools = PgTools.default(env.config.local.pg_bin_dir)
+        # a new Azure server allows no extension: the service's own was allow-listed once, through the API
+        import psycopg
+
+        with pytest.raises(psycopg.Error, match='extension "citext" has no installation script'):
+            env.query("CREATE EXTENSION citext")
+        assert servers.get_extension_support(live).not_allowed(["citext", "pgcrypto"]) == ["citext", "pgcrypto"]
+        from flows.extensions import allow_extensions
+
+        r = allow_extensions(**env.kw(), extensions=["pgcrypto", "CITEXT"])  # development: no gate
+        assert r["added"] == ["citext", "pgcrypto"] and not r["restarted"]
+        assert allow_extensions(**env.kw(), extensions=["citext"])["added"] == []  # already allowed: nothing sent
+        assert len(env.arm.calls("PUT", f"/{live}/configurations/")) == 1
+        env.query("CREATE EXTENSION citext; CREATE EXTENSION pgcrypto; "
+                  "CREATE TABLE people (email citext PRIMARY KEY, token bytea); "
+                  "INSERT INTO people SELECT 'User' || g || '@Example.org', digest(g::text, 'sha256') "
+                  "FROM generate_series(1, 25) g")
+        snapshot = servers.get_server_snapshot(live)
+        assert snapshot.parameters == {"azure.extensions": "CITEXT,PGCRYPTO"}
+        assert set(snapshot.extensions[env.target.database]) >= {"citext", "pgcrypto"}
+        take_backup(servers, store, tools, server=live, database=env.target.database, name="apply_dv_ext.pgdump",
+                    kind="adhoc", fmt="custom")
+
+        # the server made again from the snapshot, before its parameters: Azure refuses the extensions
+        new = "t-apply-dv-pg-again"
+        servers.create_server_from_snapshot(new, snapshot)
+        assert servers.get_extension_support(new).not_allowed(["citext", "pgcrypto"]) == ["citext", "pgcrypto"]
+        with pytest.raises(RestoreError, match="citext"):
+            restore_backup(servers, store, tools, server=new, database=env.target.database,
+                           backup="apply_dv_ext.pgdump")
+        # ... and with the snapshot's parameters, set through the configurations API, it restores whole
+        puts_before = len(env.arm.calls("PUT", f"/{new}/configurations/"))
+        servers.set_server_parameters(new, snapshot.parameters)
+        [put] = env.arm.calls("PUT", f"/{new}/configurations/")[puts_before:]
+        assert put.path.endswith("/configurations/azure.extensions")
+        assert put.body == {"properties": {"value": "CITEXT,PGCRYPTO", "source": "user-override"}}
+        restore_backup(servers, store, tools, server=new, database=env.target.database, backup="apply_dv_ext.pgdump")
+        assert env.scalar("SELECT count(*) FROM people WHERE email = 'user7@example.org'", server=new) == 1
+        assert env.scalar("SELECT count(*) FROM people", server=new) == 25
 
 
 class TestDataLossOnAzure:

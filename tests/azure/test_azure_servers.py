@@ -596,6 +596,80 @@ class TestWhatARestoredServerLacks:
         assert servers.list_dropped_servers() == [] and servers.operations.record.read() == {}
 
 
+class TestServerParameters:
+    """The configurations API: what a user set is read, and set again (with the restart Azure asks for)."""
+
+    def config_puts(self, arm, server):
+        return {r.path.rsplit("/", 1)[-1]: r.body for r in arm.calls("PUT", f"/{server}/configurations/")}
+
+    def test_the_user_set_parameters_are_read_azures_own_are_not(self, servers, arm):
+        arm.configs[PRIMARY] = {"azure.extensions": "CITEXT,PGCRYPTO", "work_mem": "8192"}
+        assert servers.get_server_parameters(PRIMARY) == {"azure.extensions": "CITEXT,PGCRYPTO", "work_mem": "8192"}
+        assert servers.configurations.allow_list(PRIMARY) == {"citext", "pgcrypto"}
+
+    def test_parameters_are_put_and_a_static_one_restarts_the_server_once(self, servers, arm):
+        change = servers.set_server_parameters(PRIMARY, {"azure.extensions": "CITEXT,PGCRYPTO", "work_mem": "8192",
+                                                         "max_connections": "200"})
+        assert change.applied == {"azure.extensions": "CITEXT,PGCRYPTO", "max_connections": "200", "work_mem": "8192"}
+        assert change.restarted and change.unchanged == []
+        assert self.config_puts(arm, PRIMARY) == {
+            "azure.extensions": {"properties": {"value": "CITEXT,PGCRYPTO", "source": "user-override"}},
+            "max_connections": {"properties": {"value": "200", "source": "user-override"}},
+            "work_mem": {"properties": {"value": "8192", "source": "user-override"}}}
+        assert len(arm.calls("POST", f"/{PRIMARY}/restart")) == 1 and arm.pending_restart[PRIMARY] == set()
+        assert servers.get_server(PRIMARY).state == "Ready"
+        # again: nothing to send, nothing to restart (the allow-list compares as a set, without case)
+        again = servers.set_server_parameters(PRIMARY, {"azure.extensions": "pgcrypto,citext", "max_connections": "200"})
+        assert again.applied == {} and not again.restarted and again.unchanged == ["azure.extensions", "max_connections"]
+        assert len(arm.calls("PUT", "/configurations/")) == 3 and len(arm.calls("POST", "/restart")) == 1
+
+    def test_a_dynamic_parameter_needs_no_restart(self, servers, arm):
+        assert not servers.set_server_parameters(PRIMARY, {"work_mem": "16384"}).restarted
+        assert arm.calls("POST", "/restart") == []
+
+    def test_what_azure_refuses_is_said_and_unknown_parameters_are_refused_before_any_put(self, servers, arm):
+        with pytest.raises(PlatformError, match="Invalid value given for parameter 'azure.extensions'"):
+            servers.set_server_parameters(PRIMARY, {"azure.extensions": "CITEXT,NOT_AN_EXTENSION"})
+        from dr.errors import InvalidInput
+
+        with pytest.raises(InvalidInput, match=r"no parameter shared_buffer\b.*archive_command cannot be set"):
+            servers.set_server_parameters(PRIMARY, {"shared_buffer": "1", "archive_command": "x", "work_mem": "8192"})
+        assert [r.path for r in arm.calls("PUT", "/configurations/")] == [
+            arm.server(PRIMARY)["id"] + "/configurations/azure.extensions"]
+
+    def test_a_server_is_recreated_as_its_snapshot_says(self, servers, arm, monkeypatch):
+        from dr.platforms.base import ServerSnapshot
+
+        monkeypatch.setenv("DR_AZURE_PG_PASSWORD", "pw-pw-pw-pw")
+        source = arm.server(PRIMARY)
+        snapshot = ServerSnapshot(
+            server=PRIMARY, platform="azure", taken_at=utcnow(), version=16, version_full="16.9",
+            sku="Standard_D2ds_v5", storage_gb=128, high_availability="ZoneRedundant",
+            network={k: source["properties"]["network"][k] for k in ("delegatedSubnetResourceId",
+                                                                      "privateDnsZoneArmResourceId")},
+            parameters={"azure.extensions": "CITEXT,PGCRYPTO", "max_connections": "300"},
+            extra={"location": "uksouth", "tier": "GeneralPurpose", "geo_redundant_backup": "Enabled",
+                   "backup_retention_days": "7", "availability_zone": "1"})
+        info = servers.create_server_from_snapshot("apply-again-pg", snapshot, tags={"dr-incident": "INC9"})
+        assert info.state == "Ready"
+        [put] = arm.server_calls("PUT", "apply-again-pg")
+        props = put.body["properties"]
+        assert put.body["location"] == "uksouth" and put.body["sku"] == {"name": "Standard_D2ds_v5",
+                                                                        "tier": "GeneralPurpose"}
+        assert (props["createMode"], props["version"], props["storage"], props["highAvailability"]) == (
+            "Create", "16", {"storageSizeGB": 128}, {"mode": "ZoneRedundant"})
+        assert props["network"] == snapshot.network and props["availabilityZone"] == "1"
+        assert props["backup"] == {"geoRedundantBackup": "Enabled", "backupRetentionDays": 7}
+        assert servers.expected_extension_support(snapshot).not_allowed(["citext", "pgcrypto", "btree_gin"]) == \
+            ["btree_gin"]
+        # the parameters are a step of their own, through the configurations API, with the restart they need
+        change = servers.set_server_parameters("apply-again-pg", snapshot.parameters)
+        assert self.config_puts(arm, "apply-again-pg") == {
+            "azure.extensions": {"properties": {"value": "CITEXT,PGCRYPTO", "source": "user-override"}},
+            "max_connections": {"properties": {"value": "300", "source": "user-override"}}}
+        assert change.restarted and len(arm.calls("POST", "/apply-again-pg/restart")) == 1
+
+
 class TestFactory:
     def test_factory_uses_the_arm_url_override(self, arm, tls_cert, monkeypatch, tmp_path):
         from dr.config import parse_config

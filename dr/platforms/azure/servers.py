@@ -46,9 +46,11 @@ from dr.platforms.azure._arm import (
     value_of,
 )
 from dr.platforms.azure._state import DroppedLog, OperationLog, default_state_dir
+from dr.platforms.azure.configurations import ServerConfigurations
 from dr.platforms.azure.firewall import FirewallRules, is_public
 from dr.platforms.azure.operations import ServerOperations
 from dr.platforms.azure.preflight import NEEDED_ACTIONS, AzurePreflight
+from dr.platforms.azure.snapshots import SnapshotsAndParameters
 from dr.platforms.base import (
     TAG_CREATED_BY,
     TAG_CREATED_BY_VALUE,
@@ -104,7 +106,7 @@ def _network_to_copy(network: dict[str, Any] | pg.Network | None) -> pg.Network 
     return pg.Network(keep) if keep else None
 
 
-class AzureServers(ServerPlatform):
+class AzureServers(SnapshotsAndParameters, ServerPlatform):
     """`ServerPlatform` on Azure Database for PostgreSQL flexible servers in one resource group.
 
     Args:
@@ -137,6 +139,7 @@ class AzureServers(ServerPlatform):
         self.ops = ServerOperations(client, resource_group, self.resource_id, self.operations,
                                     state_of=self._state_of, progress_interval=progress_interval)
         self.firewall = FirewallRules(client, resource_group, self.ops)
+        self.configurations = ServerConfigurations(client, resource_group, self.ops)
 
     def __repr__(self) -> str:
         return f"AzureServers(resource_group={self.resource_group!r})"
@@ -309,17 +312,20 @@ class AzureServers(ServerPlatform):
         self.ops.wait(poller, what=what, server=name, timeout=max(0.0, deadline - time.monotonic()), budget=timeout)
         return self.get_server(name)
 
+    def _recorded_settings(self, name: str) -> dict[str, Any] | None:
+        """The settings of server `name` as recorded when this tool last dropped it, if it did."""
+        recorded = [e for e in self.dropped.entries() if e.get("name") == name and e.get("settings")]
+        return max(recorded, key=lambda e: e["dropped_at"])["settings"] if recorded else None
+
     def _template_settings(self, name: str) -> dict[str, Any]:
         """The settings of a server: live when it exists, else as recorded when this tool dropped it."""
         live = self._find(name)
         if live is not None:
             return _settings_of(live)
-        recorded = [e for e in self.dropped.entries() if e.get("name") == name and e.get("settings")]
-        if recorded:
-            newest = max(recorded, key=lambda e: e["dropped_at"])
-            log.info("server %s is gone; using the settings recorded when it was dropped at %s", name,
-                     newest["dropped_at"])
-            return newest["settings"]
+        recorded = self._recorded_settings(name)
+        if recorded is not None:
+            log.info("server %s is gone; using the settings recorded when it was dropped", name)
+            return recorded
         raise ServerNotFound(f"server '{name}' does not exist and no settings of it are recorded in "
                              f"{self.dropped.path}", server=name)
 

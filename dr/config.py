@@ -146,6 +146,9 @@ class Environment(_Strict):
     recovery_slot_wait_minutes: float = Field(default=DEFAULT_RECOVERY_SLOT_WAIT_MINUTES, gt=0, le=24 * 60)
     #: Azure: where a geo-restore goes in a region outage (needs geo-redundant backups)
     geo_restore: GeoRestoreSettings | None = None
+    #: local platform: the PostgreSQL major version the environment's servers run (rehearse on the
+    #: version production runs); default: the installation with the full contrib set (dr.pginstall)
+    postgres_version: int | None = Field(default=None, ge=10, le=99)
 
     @field_validator("subscription_id")
     @classmethod
@@ -363,6 +366,7 @@ class Target(BaseModel):
     approval_timeout_minutes: int
     recovery_slot_wait_minutes: float
     geo_restore: GeoRestoreSettings | None = None
+    postgres_version: int | None = None
     sources: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property

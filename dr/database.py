@@ -88,18 +88,19 @@ def drop_database(conn: ConnInfo, name: str) -> None:
                                resume_hint="run the same command again once that session has gone") from exc
 
 
-#: the other sessions of a database, and whether the connected role may end them: one that is not
-#: a superuser cannot end a superuser's session (on Azure, the service's own `azuresu`)
-_OTHER_SESSIONS = """
-SELECT a.pid, a.usename, coalesce(r.rolsuper, false) AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
-WHERE a.datname = %s AND a.pid <> pg_backend_pid() AND a.pid <> ALL(%s)
-"""
+def _other_sessions_sql(database: str, keep: list[int] | None = None) -> sql.Composed:
+    """The other sessions of a database (pid, user), and whether the connected role may NOT end them:
+    a role that is not a superuser cannot end a superuser's session (on Azure, the service's own `azuresu`)."""
+    return sql.SQL(
+        "SELECT a.pid, a.usename, coalesce(r.rolsuper, false) AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = "
+        "current_user) FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid "
+        "WHERE a.datname = {db} AND a.pid <> pg_backend_pid() AND a.pid <> ALL(ARRAY[{keep}]::int[])").format(
+        db=sql.Literal(database), keep=sql.SQL(", ").join(sql.Literal(k) for k in keep or []))
 
 
 def _unendable(c: psycopg.Connection, database: str, keep: list[int] | None = None) -> str | None:
     """Why sessions of `database` cannot be ended by the connected role (None when they all can)."""
-    roles = sorted({user for _, user, protected in c.execute(_OTHER_SESSIONS, (database, keep or [])) if protected})
+    roles = sorted({user for _, user, protected in c.execute(_other_sessions_sql(database, keep)) if protected})
     if not roles:
         return None
     me = c.execute("SELECT current_user").fetchone()[0]
@@ -146,7 +147,10 @@ MANIFEST_QUERIES = {
                   WHERE n.nspname NOT IN ('pg_catalog','information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
                     AND n.nspname NOT LIKE 'pg_temp%%' AND c.relkind IN ('r','i','S','v','m','p')
                   GROUP BY 1 ORDER BY 1""",
-    "constraints": """SELECT count(*) FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
+    # NOT NULL constraints are left out: PostgreSQL 18 lists them in pg_constraint, older versions do not
+    # (a backup from 15 restored into 18 has the same constraints); not_null_constraints counts them apart
+    "constraints": """SELECT count(*) FILTER (WHERE co.contype <> 'n'), count(*) FILTER (WHERE co.contype = 'n')
+                      FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
                       WHERE n.nspname NOT IN ('pg_catalog','information_schema')""",
 }
 
@@ -160,8 +164,8 @@ def read_manifest(c: psycopg.Connection) -> dict[str, Any]:
     }
     seqs = {f"{s}.{n}": v for s, n, v in c.execute(MANIFEST_QUERIES["sequences"]).fetchall()}
     objects = {k: n for k, n in c.execute(MANIFEST_QUERIES["objects"]).fetchall()}
-    objects["constraints"] = c.execute(MANIFEST_QUERIES["constraints"]).fetchone()[0]
-    return {"rows": rows, "sequences": seqs, "objects": objects}
+    objects["constraints"], not_null = c.execute(MANIFEST_QUERIES["constraints"]).fetchone()
+    return {"rows": rows, "sequences": seqs, "objects": objects, "not_null_constraints": not_null}
 
 
 def manifest_of(conn: ConnInfo) -> dict[str, Any]:
@@ -210,6 +214,9 @@ def compare_manifest(expected: dict[str, Any], actual: dict[str, Any]) -> list[s
             problems.append(f"sequence {seq} is at {got}, the backup has {v}")
     for kind, n in expected.get("objects", {}).items():
         got = actual.get("objects", {}).get(kind, 0)
+        if kind == "constraints" and "not_null_constraints" not in expected:
+            # a manifest from before NOT NULL constraints were counted apart: PostgreSQL 18's included them
+            got = n if n in (got, got + actual.get("not_null_constraints", 0)) else got
         if got != n:
             problems.append(f"{n} objects of kind {kind!r} expected, found {got}")
     return problems
@@ -324,6 +331,12 @@ def held_by(backup: Any, server: str, identity: dict[str, Any], fingerprint: dic
     return None
 
 
+def allow_connections(conn: ConnInfo, database: str) -> None:
+    """Let sessions connect to `database` again (idempotent)."""
+    with connect(conn.with_db("postgres")) as c:
+        c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(database)))
+
+
 def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any], dict[str, Any] | None], str | None]) -> str | None:
     """Drop `database` only if `check(identity, fingerprint)`, read while it has no other session, finds nothing wrong.
 
@@ -333,6 +346,7 @@ def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any],
     """
     admin = conn.with_db("postgres")
     with connect(admin) as c:
+        allow_connections(admin, database)  # a tidy-up killed here before left it refusing them
         probe = psycopg.connect(**conn.with_db(database).psycopg_kwargs(), autocommit=True)
         dropped = False
         try:
@@ -360,8 +374,9 @@ def _end_other_sessions(c: psycopg.Connection, database: str, keep: int | None =
     deadline = time.monotonic() + timeout
     while True:
         others = [] if keep is None else [keep]
-        left = c.execute("SELECT count(*), count(pg_terminate_backend(pid)) FILTER (WHERE NOT protected) FROM ("
-                         + _OTHER_SESSIONS + ") s(pid, usename, protected)", (database, others)).fetchone()[0]
+        left = c.execute(sql.SQL("SELECT count(*), count(pg_terminate_backend(pid)) FILTER (WHERE NOT protected) "
+                                 "FROM ({}) s(pid, usename, protected)").format(
+            _other_sessions_sql(database, others))).fetchone()[0]
         if not left:
             return
         if time.monotonic() > deadline:
@@ -371,19 +386,33 @@ def _end_other_sessions(c: psycopg.Connection, database: str, keep: int | None =
         time.sleep(0.05)
 
 
+def _wait_for_unendable(c: psycopg.Connection, database: str, *, timeout: float, new: str) -> None:
+    """Wait until no session of `database` is one the connected role may not end; after `timeout`, refuse naming it."""
+    deadline = time.monotonic() + timeout
+    while (why := _unendable(c, database)) is not None:
+        if time.monotonic() > deadline:
+            raise RestoreError(f"could not swap {new} in for {database}: {why}", database=database,
+                               world_state=f"{database} is unchanged; {new} holds the restored data",
+                               resume_hint="run the same command again once that session has gone")
+        time.sleep(0.5)
+
+
 def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5,
                    safety_backup: Any = None, server: str | None = None) -> tuple[str | None, str]:
     """Make `new` the live database in one transaction; the old one is kept as `replaced`.
 
-    Connections to the live database are refused and ended first. If anything fails,
-    the live database is left as it was (renamed back by the transaction's rollback,
-    connections allowed again).
+    The live database's sessions are ended and it is renamed in the same round trip: the rename
+    locks the database, so a session connecting meanwhile waits for the transaction and then finds
+    the name taken by the new database (PostgreSQL waits up to 5 s for the ended sessions to exit;
+    one that got in between is met by another attempt). Nothing is set that outlives the
+    transaction: if the restore dies here (kill -9, a lost connection), the server rolls it back
+    and the live database is exactly as it was, accepting connections.
 
     Args:
         safety_backup: the `BackupInfo` of the backup taken of the live database before the
-            restore. With every session ended, the live database is compared with it (identity
-            and write fingerprint); the verdict is recorded in the kept database's comment,
-            where tidy-up reads it.
+            restore. Once swapped out (no session of it left, nobody connecting by its new name),
+            the old database is compared with it (identity and write fingerprint); the verdict
+            is recorded in the kept database's comment, where tidy-up starts from.
         server: the server's name, as the backup recorded it (needed with `safety_backup`).
 
     Returns:
@@ -391,60 +420,48 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
         server), and the verdict on what holds it ("held by backup ..." or why nothing does).
     """
     admin = conn.with_db("postgres")
-    verdict = "no backup of it was taken before the restore"
     with connect(admin) as c:
         has_live = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone() is not None
         if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
         replaced = free_database_name(admin, replaced)  # a restore earlier in the same second may hold the name
-        swapped = False
-        probe = psycopg.connect(**conn.with_db(live).psycopg_kwargs(), autocommit=True) if (
-            has_live and safety_backup is not None) else None
         if has_live:
-            c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
-        try:
-            if has_live:
-                # no session left to write to it (a superuser's, which Azure's admin cannot end, is waited for)
-                _end_other_sessions(c, live, keep=probe.info.backend_pid if probe is not None else None,
-                                    timeout=SWAP_SESSION_WAIT)
-            if probe is not None:
-                # the live database as it is swapped out
-                why = held_by(safety_backup, server or "", database_identity(probe), write_fingerprint(probe))
-                probe.close()
-                verdict = (f"held by backup {safety_backup.name} sha256={safety_backup.sha256}" if why is None
-                           else f"not held by backup {safety_backup.name}: {why}")
-            last: Exception | None = None
-            for attempt in range(attempts):
-                try:
-                    with c.transaction():
-                        if has_live:
-                            c.execute("SELECT pg_terminate_backend(pid) FROM (" + _OTHER_SESSIONS
-                                      + ") s(pid, usename, protected) WHERE NOT protected", (live, []))
-                            time.sleep(0.2 * (attempt + 1))
-                            c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(replaced)))
-                        c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
-                    swapped = True
-                    break
-                except psycopg.errors.ObjectInUse as exc:  # a session came back between terminate and rename
-                    last = exc
-                    log.warning("swap attempt %s: %s", attempt + 1, exc)
-            else:
-                raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
-                                   database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
-        except RestoreError as exc:
-            raise exc.annotate(world_state=f"{live} is unchanged; {new} holds the restored data",
+            # a superuser's session (Azure's own azuresu) cannot be ended by a role that is not one: waited for, then refused
+            _wait_for_unendable(c, live, timeout=SWAP_SESSION_WAIT, new=new)
+        end_and_rename = sql.SQL(
+            "SELECT count(pg_terminate_backend(pid)) FROM ({others}) s(pid, usename, protected) WHERE NOT protected; "
+            "ALTER DATABASE {live_id} RENAME TO {replaced}").format(
+            others=_other_sessions_sql(live), live_id=sql.Identifier(live), replaced=sql.Identifier(replaced))
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                with c.transaction():
+                    if has_live:
+                        c.execute(end_and_rename)  # no parameters: one simple-query round trip
+                    c.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(live)))
+                break
+            except psycopg.errors.ObjectInUse as exc:  # a session came in between the two statements
+                last = exc
+                log.warning("swap attempt %s: %s", attempt + 1, exc)
+        else:
+            why = _unendable(c, live) if has_live else None
+            raise RestoreError(f"could not swap {new} in for {live}: " + (why or f"sessions kept reconnecting ({last})"),
+                               database=live, world_state=f"{live} is unchanged; {new} holds the restored data",
                                resume_hint="run the same command again once those sessions have gone")
-        finally:
-            if probe is not None and not probe.closed:
-                probe.close()
-            # the old database accepts connections again: live again after a failure, kept for reconciliation after
-            # the swap (its name is known from the outcome, not guessed from what exists)
-            if has_live:
-                c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(replaced if swapped else live)))
-    if has_live:
-        set_database_comment(admin, replaced, f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}; {verdict}")
-    return (replaced if has_live else None), verdict
+    if not has_live:
+        return None, "there was no live database"
+    verdict = "no backup of it was taken before the restore"
+    if safety_backup is not None:
+        # every session of the old database ended with the rename (their statistics flushed); one
+        # that connects by its new name since can only add writes, which make the verdict "not held"
+        with connect(conn.with_db(replaced)) as probe:
+            with connect(admin) as c:
+                _end_other_sessions(c, replaced, keep=probe.info.backend_pid)
+            why = held_by(safety_backup, server or "", database_identity(probe), write_fingerprint(probe))
+        verdict = (f"held by backup {safety_backup.name} sha256={safety_backup.sha256}" if why is None
+                   else f"not held by backup {safety_backup.name}: {why}")
+    set_database_comment(admin, replaced, f"{REPLACED_COMMENT}{datetime.now(timezone.utc).isoformat()}; {verdict}")
+    return replaced, verdict
 
 
 REPLACED_COMMENT = "dr: replaced by a restore at "

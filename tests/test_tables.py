@@ -1,0 +1,373 @@
+"""Table-level point-in-time recovery (#18): real servers, a real PTR server, no mocks.
+
+One environment and one incident serve the scenario's assertions: at T+1 a DELETE without
+WHERE empties `applications` (its ON DELETE CASCADE child `audit_events` goes with it), at
+T+2 the app writes new candidates, applications and audit events, and a candidate whose
+applications were wiped is deleted. The engine's finer behaviour (triggers, generated,
+identity and partitioned columns, tables without a key, a killed backend, privileges) is
+tested on two databases of one server standing for "at T" and "live".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+import time
+from types import SimpleNamespace
+
+import psycopg
+import pytest
+
+from dr.commands import ConnInfo
+from dr.errors import RestoreError
+from dr.tables.apply import apply_tables
+from dr.tables.compare import TableRecoveryRefused, compare
+from dr.tables.pack import find_packs, find_records, read_pack
+from flows.data_loss import data_loss
+from flows.reconcile import reconcile
+from tests.faults.harness import db_state, freeze, live_state, step_until, thaw
+from tests.helpers import make_env, utc_now, wait_a_second
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+INCIDENT = "inc-tables"
+NEW_CANDIDATES = ["new1@example.org", "new2@example.org", "new3@example.org"]
+
+
+def london(t) -> str:
+    from zoneinfo import ZoneInfo
+
+    return t.astimezone(ZoneInfo("Europe/London")).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def rows(env, query: str) -> list[tuple]:
+    return env.query(query)
+
+
+@pytest.fixture(scope="module")
+def scenario(base_dir, prefect_server):
+    """The incident, run twice: first narrowed so that a key breaks (refused), then as chosen."""
+    env = make_env(base_dir, "tables-scenario")
+    env.up()
+    try:
+        # before T: audit events go with their application; a trigger that would alter restored rows
+        env.query("ALTER TABLE audit_events DROP CONSTRAINT audit_events_application_id_fkey, "
+                  "ADD CONSTRAINT audit_events_application_id_fkey FOREIGN KEY (application_id) "
+                  "REFERENCES applications(id) ON DELETE CASCADE")
+        env.query("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$")
+        env.query("CREATE TRIGGER applications_touch BEFORE INSERT OR UPDATE ON applications "
+                  "FOR EACH ROW EXECUTE FUNCTION touch()")
+        wait_a_second()
+        at_t = live_state(env)
+        t = utc_now().replace(microsecond=0)
+        wait_a_second()
+        env.query("DELETE FROM applications")  # T+1: the damage (its audit events cascade)
+        wait_a_second()
+        for email in NEW_CANDIDATES:  # T+2: the app goes on
+            env.query("INSERT INTO candidates (email, first_name, last_name, date_of_birth, profile) "
+                      "VALUES (%s, 'New', 'Person', '2001-02-03', '{}')", (email,))
+        env.query("UPDATE candidates SET last_name = 'Renamed' WHERE id = 1")
+        env.query("INSERT INTO applications (candidate_id, course_id, status, personal_statement) "
+                  "SELECT c.id, 1 + c.id % 5, 'draft', 'written after T ' || c.id FROM candidates c "
+                  "WHERE c.email LIKE 'new%%' OR c.id = 2")
+        env.query("INSERT INTO audit_events (application_id, action, changes) "
+                  "SELECT id, 'create', '{}' FROM applications ORDER BY id LIMIT 2")
+        env.query("DELETE FROM candidates WHERE id = 7")  # its applications were wiped: the restored ones need it
+        before = live_state(env)
+        post_t_applications = rows(env, "SELECT * FROM applications ORDER BY id")
+        seq_before = dict(rows(env, "SELECT sequencename, last_value FROM pg_sequences"))
+        errors = []
+        try:
+            data_loss(**env.kw(), restore_time=london(t), auto_approve=True, incident=INCIDENT,
+                      tables=["applications", "-audit_events"], keep_ptr_server=True)
+        except TableRecoveryRefused as exc:
+            errors.append(exc)
+        after_refusal = live_state(env)
+        result = data_loss(**env.kw(), restore_time=london(t), auto_approve=True, incident=INCIDENT,
+                           tables=["applications"])
+        yield SimpleNamespace(env=env, t=t, at_t=at_t, before=before, after_refusal=after_refusal, errors=errors,
+                              result=result, after=live_state(env), post_t_applications=post_t_applications,
+                              seq_before=seq_before)
+    finally:
+        env.discard()
+
+
+class TestTableRecoveryScenario:
+    def test_applications_come_back_exactly_as_at_t_and_post_t_candidates_are_kept(self, scenario):
+        s, env = scenario, scenario.env
+        for table in ("public.applications", "public.audit_events"):  # row checksums equal T's
+            assert s.after[f"table {table}"] == s.at_t[f"table {table}"]
+        for table in ("public.courses", "public.providers"):  # untouched
+            assert s.after[f"table {table}"] == s.before[f"table {table}"]
+        # candidates keep every write made after T; the one the restored rows need is back
+        assert sorted(r[0] for r in env.query("SELECT email FROM candidates WHERE email LIKE 'new%%'")) == NEW_CANDIDATES
+        assert env.scalar("SELECT last_name FROM candidates WHERE id = 1") == "Renamed"
+        assert env.scalar("SELECT count(*) FROM candidates WHERE id = 7") == 1
+        assert env.scalar("SELECT count(*) FROM candidates") == 500 + len(NEW_CANDIDATES)
+        # the trigger that would have rewritten updated_at did not fire, and is enabled again
+        assert env.scalar("SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'applications_touch'") == "O"
+        # the app was validated against the recovered data and users are back
+        assert not env.platform.app.get_status().maintenance
+        assert s.result["ptr_backup"] and not env.platform.servers.server_exists(s.result["ptr_server"])
+
+    def test_the_closure_pulls_in_cascade_children_with_the_reason(self, scenario):
+        plan = data_loss(**scenario.env.kw(), plan_only=True, tables=["applications"])["plan"]
+        assert "public.audit_events (dependent): references public.applications through " \
+               "audit_events_application_id_fkey (ON DELETE CASCADE)" in plan
+        assert "public.candidates (needed)" in plan and "public.courses (needed)" in plan
+        assert "TABLE-LEVEL" in plan and "in ONE transaction" in plan and "back up the PTR server" not in plan.split(
+            "APPROVAL: replace")[0]
+        report = open(scenario.result["report"]).read()
+        assert "## What this changes" in report and "ON DELETE CASCADE" in report
+        assert "Kept: the RPO gained" in report and "dr reconcile --service apply" in report
+
+    def test_the_report_counts_equal_what_changed(self, scenario):
+        ch = scenario.result["changes"]
+        post_t = len(scenario.post_t_applications)
+        assert ch["public.applications"] == {"back": 1500, "reverted": 0, "removed": post_t}
+        assert ch["public.audit_events"] == {"back": 1500, "reverted": 0, "removed": 2}
+        assert ch["public.candidates"]["back"] == 1  # candidate 7, needed by the restored applications
+        assert ch["public.courses"]["back"] == 0 and ch["public.providers"]["back"] == 0
+        kept = scenario.result["kept"]
+        assert kept["public.candidates"] == {"live_rows": 500 + len(NEW_CANDIDATES) - 1, "rows_at_t": 500}
+        # and the live database now has exactly those numbers
+        env = scenario.env
+        assert env.scalar("SELECT count(*) FROM applications") == 1500
+        assert env.scalar("SELECT count(*) FROM audit_events") == 1500
+
+    def test_a_narrowing_that_breaks_a_key_is_refused_naming_the_constraint_and_the_rows(self, scenario):
+        [exc] = scenario.errors
+        text = str(exc)
+        assert "excluding public.audit_events breaks audit_events_application_id_fkey" in text
+        first_two = [r[0] for r in scenario.post_t_applications[:2]]
+        assert "ON DELETE CASCADE" in text and "would be deleted" in text and "public.audit_events(id) = " in text
+        assert str(1501) in text  # the audit events written after T (ids 1501, 1502) that reference removed rows
+        assert first_two[0] > 1500
+        assert "the world is now" in text and "to resume" in text
+        assert scenario.after_refusal == scenario.before  # nothing changed in the live database
+
+    def test_sequences_never_go_backwards(self, scenario):
+        env = scenario.env
+        after = dict(env.query("SELECT sequencename, last_value FROM pg_sequences"))
+        for seq, value in scenario.seq_before.items():
+            assert after[seq] >= value, seq
+        assert after["applications_id_seq"] == scenario.seq_before["applications_id_seq"] > 1500
+        new_id = env.scalar("INSERT INTO applications (candidate_id, course_id, status, personal_statement) "
+                            "VALUES (1, 1, 'draft', 'x') RETURNING id")
+        assert new_id > max(r[0] for r in scenario.post_t_applications)  # never an id handed out after T
+        env.query("DELETE FROM applications WHERE id = %s", (new_id,))
+
+    def test_a_re_run_with_the_same_incident_does_nothing_twice(self, scenario):
+        env = scenario.env
+        store = env.platform.store
+        backups_before = sorted(b.name for b in store.list_backups())
+        state = live_state(env)
+        r = data_loss(**env.kw(), restore_time=london(scenario.t), auto_approve=True, incident=INCIDENT,
+                      tables=["applications"])
+        assert sorted(b.name for b in store.list_backups()) == backups_before
+        assert live_state(env) == state
+        assert [s.name for s in env.platform.servers.list_servers() if s.created_by_us] == []
+        steps = {e["step"]: e for e in r["timeline"]}
+        assert steps["point-in-time restore to a new server"]["outcome"] == "skipped"
+        assert steps["compare the tables with the PTR server"]["outcome"] == "skipped"
+        assert len(find_records(store, INCIDENT)) == 1 and len(find_packs(store, INCIDENT)) == 1
+
+    def test_the_pack_holds_exactly_the_discarded_writes_and_reconcile_brings_them_back(self, scenario):
+        env = scenario.env
+        pack = read_pack(env.platform.store, scenario.result["reconciliation_pack"])
+        try:
+            got = list(csv.reader(io.StringIO(pack.read_text("tables/public.applications/inserted_after_t.csv"))))
+            assert got[0] == ["id", "candidate_id", "course_id", "status", "personal_statement", "score",
+                              "submitted_at", "updated_at"]
+            assert [int(r[0]) for r in got[1:]] == [r[0] for r in scenario.post_t_applications]
+            assert [r[4] for r in got[1:]] == [r[4] for r in scenario.post_t_applications]
+            assert {n for n in pack.zf.namelist() if n.endswith(".csv")} == {
+                "tables/public.applications/inserted_after_t.csv", "tables/public.applications/deleted_after_t_keys.csv",
+                "tables/public.audit_events/inserted_after_t.csv", "tables/public.audit_events/deleted_after_t_keys.csv"}
+            assert "\\copy" in pack.read_text("apply.sql")
+        finally:
+            pack.close()
+        plan = reconcile(**env.kw(), incident=INCIDENT)
+        assert "applies" in plan["plan"] and not plan["applied"]
+        done = reconcile(**env.kw(), incident=INCIDENT, apply=True, auto_approve=True)
+        assert done["applied"] and done["rows"] == len(scenario.post_t_applications) + 2
+        now = env.query("SELECT * FROM applications WHERE id > 1500 ORDER BY id")
+        assert [r[:5] for r in now] == [r[:5] for r in scenario.post_t_applications]
+        assert env.scalar("SELECT count(*) FROM applications") == 1500 + len(scenario.post_t_applications)
+        again = reconcile(**env.kw(), incident=INCIDENT, apply=True, auto_approve=True)
+        assert again["rows"] == 0 and "already there" in again["plan"]
+
+
+# --- the engine, on two databases of one server ------------------------------------------------------
+
+ENGINE_SCHEMA = """
+CREATE TABLE audit_log (id bigserial PRIMARY KEY, note text NOT NULL);
+CREATE TABLE items (
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    k int NOT NULL,
+    qty int NOT NULL,
+    price numeric(8,2) NOT NULL,
+    total numeric GENERATED ALWAYS AS (qty * price) STORED,
+    note text,
+    PRIMARY KEY (id, k)
+) PARTITION BY RANGE (k);
+CREATE TABLE items_low PARTITION OF items FOR VALUES FROM (0) TO (50);
+CREATE TABLE items_high PARTITION OF items FOR VALUES FROM (50) TO (100);
+CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN NEW.note := 'TRIGGERED'; INSERT INTO audit_log (note) VALUES (TG_OP || ' ' || NEW.id); RETURN NEW; END $$;
+CREATE TRIGGER items_stamp BEFORE INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION stamp();
+ALTER TABLE items DISABLE TRIGGER items_stamp;
+INSERT INTO items (k, qty, price, note) SELECT g % 100, g % 7, (g % 13) + 0.5, 'item ' || g FROM generate_series(1, 200) g;
+ALTER TABLE items ENABLE TRIGGER items_stamp;
+CREATE TABLE notes (body text, at date, meta json);
+INSERT INTO notes SELECT 'note ' || g, date '2026-01-01' + g, '{"n": 1}' FROM generate_series(1, 30) g;
+-- json has no hash function: these two tables are compared by the md5 of each row's text
+CREATE TABLE big (id int PRIMARY KEY, body text NOT NULL, meta json NOT NULL DEFAULT '{}');
+INSERT INTO big SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 20000) g;
+"""
+
+
+@pytest.fixture(scope="module")
+def engine(scenario):
+    """Two databases on the scenario's live server: `then` (the rows at T) and `now` (live)."""
+    env = scenario.env
+    admin = env.conn("postgres")
+    with psycopg.connect(**admin.psycopg_kwargs(), autocommit=True) as c:
+        for name in ("t_then", "t_now"):
+            c.execute(f"CREATE DATABASE {name}")
+    then, now = env.conn("t_then"), env.conn("t_now")
+    for conn in (then, now):
+        with psycopg.connect(**conn.psycopg_kwargs(), autocommit=True) as c:
+            c.execute(ENGINE_SCHEMA)
+    return SimpleNamespace(env=env, then=then, now=now)
+
+
+def run_sql(conn: ConnInfo, statement: str, params=None):
+    with psycopg.connect(**conn.psycopg_kwargs(), autocommit=True) as c:
+        cur = c.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
+def no_record(txid: int, oid: int) -> None:
+    pass
+
+
+class TestReplacementEngine:
+    def test_counts_triggers_generated_identity_and_partitioned_columns(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "ALTER TABLE items DISABLE TRIGGER items_stamp")  # the damage is written without it
+        run_sql(now, "UPDATE items SET qty = qty + 100 WHERE id <= 5")  # reverted
+        run_sql(now, "UPDATE items SET k = k + 50 WHERE id BETWEEN 6 AND 8 AND k < 50")  # moved partition: reverted
+        run_sql(now, "DELETE FROM items WHERE id BETWEEN 20 AND 29")  # come back
+        run_sql(now, "INSERT INTO items (k, qty, price) SELECT 1, 1, 1 FROM generate_series(1, 4)")  # removed
+        run_sql(now, "ALTER TABLE items ENABLE TRIGGER items_stamp")
+        run_sql(then, "SELECT setval('items_id_seq', 900)")  # the PTR server ahead: live moves forward
+        moved = run_sql(now, "SELECT count(*) FROM items WHERE id BETWEEN 6 AND 8 AND k >= 50")[0][0]
+        assert moved == 3
+        report = compare(now, then, ["items"])
+        [items] = report.tables
+        # the partition key is part of the primary key, so a row moved to another partition is a new key:
+        # its post-T version is removed and its version at T comes back (into its own partition)
+        assert items.counts == {"back": 10 + moved, "reverted": 5, "removed": 4 + moved}
+        assert items.samples["back"][:2] == ["(6, 6)", "(7, 7)"] and items.samples["reverted"][0] == "(1, 1)"
+        assert "audit_log" in " ".join(k.table for k in report.kept)
+        log_before = run_sql(now, "SELECT count(*) FROM audit_log")[0][0]
+        result = apply_tables(now, then, ["items"], approved=report.digests(), record=no_record)
+        assert db_state(now.psycopg_kwargs())["table public.items"] == db_state(then.psycopg_kwargs())["table public.items"]
+        assert run_sql(now, "SELECT count(*) FROM audit_log")[0][0] == log_before  # the trigger did not fire
+        assert run_sql(now, "SELECT count(*) FROM items WHERE note = 'TRIGGERED'")[0][0] == 0
+        assert {r[0] for r in run_sql(now, "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'items_stamp'")} == {"O"}
+        assert run_sql(now, "SELECT count(*) FROM items_high WHERE id BETWEEN 6 AND 8")[0][0] == \
+            run_sql(then, "SELECT count(*) FROM items_high WHERE id BETWEEN 6 AND 8")[0][0]  # back in its partition
+        assert result.sequences_moved and run_sql(now, "SELECT last_value FROM items_id_seq")[0][0] == 900
+        assert result.applied["public.items"] == {"deleted": 4 + moved, "updated": 5, "inserted": 10 + moved}
+
+    def test_a_table_without_a_primary_key_is_replaced_whole_and_its_diff_refused(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM notes WHERE at < '2026-01-10'; INSERT INTO notes VALUES ('later', '2027-01-01')")
+        report = compare(now, then, ["notes"])
+        [notes] = report.tables
+        assert notes.whole_table and "no primary key" in notes.note and notes.counts == {"back": 0, "reverted": 0,
+                                                                                          "removed": 0}
+        apply_tables(now, then, ["notes"], approved=report.digests(), record=no_record)
+        assert db_state(now.psycopg_kwargs())["table public.notes"] == db_state(then.psycopg_kwargs())["table public.notes"]
+
+    def test_the_live_data_changed_since_approval_is_refused(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "UPDATE big SET body = 'damaged' WHERE id <= 3")
+        report = compare(now, then, ["big"])
+        run_sql(now, "UPDATE big SET body = 'damaged again' WHERE id = 4")
+        before = db_state(now.psycopg_kwargs())
+        with pytest.raises(TableRecoveryRefused, match="changed since the report was approved"):
+            apply_tables(now, then, ["big"], approved=report.digests(), record=no_record)
+        assert db_state(now.psycopg_kwargs()) == before
+
+    def test_terminating_the_backend_mid_copy_leaves_the_live_tables_unchanged(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM big WHERE id > 100")
+        report = compare(now, then, ["big"])
+        before = db_state(now.psycopg_kwargs())
+        app = "dr-orchestrator test kill"
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                apply_tables(now, then, ["big"], approved=report.digests(), record=no_record, application_name=app)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                box["error"] = exc
+
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        admin = engine.env.conn("postgres")
+
+        def backend() -> int | None:
+            r = run_sql(admin, "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = 't_then'",
+                        (app,))
+            return r[0][0] if r else None
+
+        deadline = time.monotonic() + 60
+        source = None
+        while source is None and time.monotonic() < deadline:
+            source = backend()
+        assert source, "the recovery never opened its session on the PTR side"
+        freeze(source)  # from now on it runs 64 KB of output at a time
+        big_oid = run_sql(now, "SELECT 'big'::regclass::oid")[0][0]
+        target: list[int] = []
+
+        def rows_arrived_in_the_live_table() -> bool:
+            r = run_sql(admin, "SELECT p.pid, p.tuples_processed FROM pg_stat_progress_copy p JOIN pg_stat_activity a "
+                               "USING (pid) WHERE a.application_name = %s AND a.datname = 't_now' AND p.relid = %s",
+                        (app, big_oid))
+            if r and r[0][1] > 0:
+                target.append(r[0][0])
+                return True
+            return False
+
+        try:
+            assert step_until(source, rows_arrived_in_the_live_table, progress="wchar", step=64 * 1024), \
+                "the copy ended first"
+            run_sql(admin, "SELECT pg_terminate_backend(%s)", (target[0],))  # mid-copy into the live table
+        finally:
+            thaw(source)
+        th.join(60)
+        assert isinstance(box.get("error"), RestoreError) and "was not committed" in str(box["error"])
+        assert db_state(now.psycopg_kwargs()) == before
+        apply_tables(now, then, ["big"], approved=report.digests(), record=no_record)  # the re-run completes
+        assert db_state(now.psycopg_kwargs())["table public.big"] == db_state(then.psycopg_kwargs())["table public.big"]
+
+    def test_a_missing_privilege_is_refused_naming_it(self, engine):
+        now = engine.now
+        run_sql(now, "CREATE ROLE dr_limited LOGIN PASSWORD 'limited-pw-1'")
+        run_sql(now, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO dr_limited")
+        limited = ConnInfo(now.host, now.port, "dr_limited", now.dbname, "limited-pw-1", now.sslmode)
+        then = ConnInfo(engine.then.host, engine.then.port, "dr_limited", engine.then.dbname, "limited-pw-1",
+                        now.sslmode)
+        run_sql(engine.then, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO dr_limited")
+        report = compare(limited, then, ["items"])
+        [blocker] = report.blockers
+        assert "ownership of public.items" in blocker and "GRANT dradmin TO dr_limited" in blocker
+        assert "items_stamp" in blocker and "SELECT on sequence public.items_id_seq" in blocker
+        with pytest.raises(TableRecoveryRefused, match="ownership of public.items"):
+            apply_tables(limited, then, ["items"], approved={}, record=no_record)

@@ -17,7 +17,8 @@ is recorded) whose servers are real PostgreSQL clusters of the local platform:
   of anything not allow-listed fails: each allow-list gets an installation of its own, a
   copy of the system PostgreSQL's `postgres` and `pg_ctl` in the same directory layout, so
   that PostgreSQL (which finds its share directory relative to its own executable) reads
-  another `share/extension/`. That one lists every control file (so `pg_available_extensions`
+  another `share/extension/`; the server's record (`bin_dir` in its `server.json`) names that
+  installation, which the local platform then runs it with. That one lists every control file (so `pg_available_extensions`
   shows all Azure offers, as on Azure) but holds the install scripts of the allow-listed
   extensions only: anything else fails with "extension "x" has no installation script nor
   update path". Nothing of it is in the database, so `pg_dump` never carries it into a backup
@@ -356,14 +357,14 @@ class BackedArm(FakeArm):
 
     def enforce(self, name: str) -> None:
         """Run server `name`'s cluster on the installation of its `azure.extensions` (restarting it if needed)."""
-        import copy as _copy
-
         allowed = frozenset(v.strip().lower() for v in self.configs.get(name, {}).get("azure.extensions", "").split(",")
                             if v.strip())
-        shadow = _copy.copy(self.local)
-        shadow.tools = self._installation(allowed)
+        tools = self._installation(allowed)
         self.local.stop_server(name)
-        shadow.start_server(name)
+        meta = self.local._meta(name)
+        meta["bin_dir"] = str(tools.bin_dir)  # the local platform runs each server on its recorded installation
+        self.local._write_meta(name, meta)
+        self.local.start_server(name)
 
     def on_configuration(self, name: str, parameter: str, value: str) -> None:
         if parameter == "azure.extensions":

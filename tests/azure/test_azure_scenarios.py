@@ -384,7 +384,11 @@ class TestServerLossOnAzure:
         from flows.server_loss import server_loss
 
         env = azure_env
-        env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 44) g")
+        # the service's server parameters, set through the API; the nightly's snapshot records them
+        env.platform.servers.set_server_parameters(env.target.server, {"azure.extensions": "CITEXT",
+                                                                       "max_connections": "300"})
+        env.query("CREATE EXTENSION citext; CREATE TABLE markers AS SELECT g AS id, ('M' || g)::citext AS code "
+                  "FROM generate_series(1, 44) g")
         # the nightly path as Azure's admin: backup, its restore test into a scratch database, retention
         nightly = nightly_backup(**env.kw(), backup_format="plain-gzip", verify="always")
         nightly["name"] = nightly["backup"]
@@ -412,6 +416,13 @@ class TestServerLossOnAzure:
         assert not [r for r in env.arm.requests if env.password in repr(r.body) and r is not env.arm.server_calls(
             "PUT", new)[-1]]
         assert props["network"]["delegatedSubnetResourceId"].endswith("/subnets/postgres")
+        # made from the snapshot, then its parameters through the configurations API, with the restart one
+        # needs, before the restore (which needed citext allow-listed)
+        puts = {r.path.rsplit("/", 1)[-1]: r.body for r in env.arm.calls("PUT", f"/{new}/configurations/")}
+        assert puts == {"azure.extensions": {"properties": {"value": "CITEXT", "source": "user-override"}},
+                        "max_connections": {"properties": {"value": "300", "source": "user-override"}}}
+        assert len(env.arm.calls("POST", f"/{new}/restart")) == 1
+        assert env.scalar("SELECT count(*) FROM markers WHERE code = 'm7'", server=new) == 1
         assert env.platform.app.healthcheck()[0] == 200
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -33,7 +34,7 @@ ENVIRONMENTS: dict[str, str] = {
     "production": "pd",
 }
 
-SERVER_NAME = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+SERVER_NAME = re.compile(r"^(?=.{3,63}\Z)[a-zA-Z0-9]+(-[a-zA-Z0-9]+)*\Z")  # Azure's rule; compiled: Python's re
 DATABASE_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
 SERVICE_NAME = r"^[a-z][a-z0-9]{1,19}$"
 #: Kubernetes: a namespace is an RFC 1123 label; deployments and ingresses RFC 1123 subdomains

@@ -73,9 +73,64 @@ def set_database_comment(conn: ConnInfo, name: str, comment: str) -> None:
 
 
 def drop_database(conn: ConnInfo, name: str) -> None:
-    """Drop a database, ending its sessions first (idempotent)."""
+    """Drop a database, ending its sessions first (idempotent).
+
+    Raises:
+        RestoreError: a superuser's session is in it and the connected role is not one (Azure: its
+            own `azuresu`), so it cannot be ended; nothing was dropped.
+    """
     with connect(conn.with_db("postgres")) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        try:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise RestoreError(f"cannot drop {name}: {_unendable(c, name) or exc.diag.message_primary}",
+                               database=name, world_state=f"{name} was not dropped",
+                               resume_hint="run the same command again once that session has gone") from exc
+
+
+def _other_sessions_sql(database: str, keep: list[int] | None = None) -> sql.Composed:
+    """The other sessions of a database (pid, user), and whether the connected role may NOT end them:
+    a role that is not a superuser cannot end a superuser's session (on Azure, the service's own `azuresu`)."""
+    return sql.SQL(
+        "SELECT a.pid, a.usename, coalesce(r.rolsuper, false) AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = "
+        "current_user) FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid "
+        "WHERE a.datname = {db} AND a.pid <> pg_backend_pid() AND a.pid <> ALL(ARRAY[{keep}]::int[])").format(
+        db=sql.Literal(database), keep=sql.SQL(", ").join(sql.Literal(k) for k in keep or []))
+
+
+def _unendable(c: psycopg.Connection, database: str, keep: list[int] | None = None) -> str | None:
+    """Why sessions of `database` cannot be ended by the connected role (None when they all can)."""
+    roles = sorted({user for _, user, protected in c.execute(_other_sessions_sql(database, keep)) if protected})
+    if not roles:
+        return None
+    me = c.execute("SELECT current_user").fetchone()[0]
+    return (f"a session of superuser {', '.join(repr(r) for r in roles)} is connected to {database}, and ending it "
+            f"needs SUPERUSER, which '{me}' does not have (Azure gives no one SUPERUSER: such sessions are Azure's "
+            "own maintenance and end by themselves)")
+
+
+def swap_refusal(conn: ConnInfo, live: str) -> str | None:
+    """Why the connected role could not swap a restored database in for `live` (None: it can).
+
+    Renaming a database, and refusing connections to it, are for its owner (a role with the
+    owner's privileges) with CREATEDB. On Azure the administrator is no superuser: a database
+    made by another role must be granted to it first.
+    """
+    with connect(conn.with_db("postgres")) as c:
+        row = c.execute(
+            "SELECT pg_get_userbyid(d.datdba), current_user, pg_has_role(current_user, d.datdba, 'USAGE'), "
+            "r.rolcreatedb OR r.rolsuper FROM pg_database d, pg_roles r "
+            "WHERE d.datname = %s AND r.rolname = current_user", (live,)).fetchone()
+    if row is None:
+        return None
+    owner, me, owns, createdb = row
+    if not owns:
+        return (f"the live database {live} belongs to '{owner}', and '{me}' does not have that role's privileges, which "
+                f"renaming it for the swap needs (there is no superuser to do it on Azure); as '{me}', run "
+                f"GRANT {owner} TO {me}")
+    if not createdb:
+        return f"renaming {live} for the swap needs CREATEDB, which '{me}' does not have"
+    return None
 
 
 # --- manifests ---------------------------------------------------------------------------
@@ -310,17 +365,36 @@ def drop_if_held(conn: ConnInfo, database: str, check: Callable[[dict[str, Any],
                 c.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(database)))
 
 
-def _end_other_sessions(c: psycopg.Connection, database: str, keep: int, timeout: float = 30.0) -> None:
-    """End every session of `database` but `keep` and wait until they are gone (their statistics flushed)."""
+def _end_other_sessions(c: psycopg.Connection, database: str, keep: int | None = None,
+                        timeout: float = 30.0) -> None:
+    """End every session of `database` but `keep` and wait until they are gone (their statistics flushed).
+
+    A session the connected role may not end (a superuser's) is waited for until `timeout`, then refused.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        left = c.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                         "WHERE datname = %s AND pid NOT IN (pg_backend_pid(), %s)", (database, keep)).fetchone()[0]
+        others = [] if keep is None else [keep]
+        left = c.execute(sql.SQL("SELECT count(*), count(pg_terminate_backend(pid)) FILTER (WHERE NOT protected) "
+                                 "FROM ({}) s(pid, usename, protected)").format(
+            _other_sessions_sql(database, others))).fetchone()[0]
         if not left:
             return
         if time.monotonic() > deadline:
-            raise RestoreError(f"sessions of {database} did not end within {timeout:.0f} s", database=database)
+            why = _unendable(c, database, others)
+            raise RestoreError(f"sessions of {database} did not end within {timeout:.0f} s" + (f": {why}" if why else ""),
+                               database=database)
         time.sleep(0.05)
+
+
+def _wait_for_unendable(c: psycopg.Connection, database: str, *, timeout: float, new: str) -> None:
+    """Wait until no session of `database` is one the connected role may not end; after `timeout`, refuse naming it."""
+    deadline = time.monotonic() + timeout
+    while (why := _unendable(c, database)) is not None:
+        if time.monotonic() > deadline:
+            raise RestoreError(f"could not swap {new} in for {database}: {why}", database=database,
+                               world_state=f"{database} is unchanged; {new} holds the restored data",
+                               resume_hint="run the same command again once that session has gone")
+        time.sleep(0.5)
 
 
 def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attempts: int = 5,
@@ -351,10 +425,13 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
         if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (new,)).fetchone():
             raise RestoreError(f"database {new} to swap in does not exist", database=new)
         replaced = free_database_name(admin, replaced)  # a restore earlier in the same second may hold the name
+        if has_live:
+            # a superuser's session (Azure's own azuresu) cannot be ended by a role that is not one: waited for, then refused
+            _wait_for_unendable(c, live, timeout=SWAP_SESSION_WAIT, new=new)
         end_and_rename = sql.SQL(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = {live} AND pid <> pg_backend_pid(); "
+            "SELECT count(pg_terminate_backend(pid)) FROM ({others}) s(pid, usename, protected) WHERE NOT protected; "
             "ALTER DATABASE {live_id} RENAME TO {replaced}").format(
-            live=sql.Literal(live), live_id=sql.Identifier(live), replaced=sql.Identifier(replaced))
+            others=_other_sessions_sql(live), live_id=sql.Identifier(live), replaced=sql.Identifier(replaced))
         last: Exception | None = None
         for attempt in range(attempts):
             try:
@@ -367,8 +444,10 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
                 last = exc
                 log.warning("swap attempt %s: %s", attempt + 1, exc)
         else:
-            raise RestoreError(f"could not swap {new} in for {live}: sessions kept reconnecting ({last})",
-                               database=live, world_state=f"{live} is unchanged; {new} holds the restored data")
+            why = _unendable(c, live) if has_live else None
+            raise RestoreError(f"could not swap {new} in for {live}: " + (why or f"sessions kept reconnecting ({last})"),
+                               database=live, world_state=f"{live} is unchanged; {new} holds the restored data",
+                               resume_hint="run the same command again once those sessions have gone")
     if not has_live:
         return None, "there was no live database"
     verdict = "no backup of it was taken before the restore"
@@ -386,4 +465,6 @@ def swap_databases(conn: ConnInfo, live: str, new: str, replaced: str, *, attemp
 
 
 REPLACED_COMMENT = "dr: replaced by a restore at "
+#: how long a swap waits for sessions of the live database it may not end (a superuser's) before it refuses
+SWAP_SESSION_WAIT = 10.0
 SAFE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

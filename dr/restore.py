@@ -54,6 +54,7 @@ from dr.database import (
     server_major_version,
     set_database_comment,
     swap_databases,
+    swap_refusal,
     verify_against_manifest,
 )
 from dr.errors import BackupCorrupted, BackupNotFound, CommandError, DrError, RestoreError
@@ -347,6 +348,10 @@ def restore_backup(
         log.info("skipped the restore: %s", why)
         return RestoreResult(backup, server, database, None, 0.0, True, already_done=True, skipped=why)
 
+    refusal = swap_refusal(admin, database) if swap else None
+    if refusal:  # found now, not after an hour of restoring
+        raise RestoreError(f"cannot restore {backup} into {database} on {server}: {refusal}", database=database,
+                           server=server, world_state="nothing was changed")
     new_db = free_database_name(admin, restore_db_name(database, started))
     untouched = f"the live database {database} on {server} is untouched"
     create_database(admin, new_db, comment=f"dr: restoring {info.name}")

@@ -197,7 +197,12 @@ def plan_server_loss(ref: Ref, backup: str | None, without_snapshot: bool = Fals
     if rt.servers.supports_geo_restore and t.geo_restore:
         from tasks.servers import geo_server_name
 
-        plan.facts["geo-restore (region outage)"] = (f"available: recovery=geo-restore makes "
+        refusals = rt.servers.geo_restore_refusals(t.server, location=t.geo_restore.location,
+                                                   delegated_subnet_resource_id=t.geo_restore.delegated_subnet_resource_id,
+                                                   private_dns_zone_arm_resource_id=t.geo_restore.private_dns_zone_arm_resource_id
+                                                   ) if exists or dropped else []
+        plan.facts["geo-restore (region outage)"] = ("NOT possible: " + "; ".join(refusals) if refusals else
+                                                     f"available: recovery=geo-restore makes "
                                                      f"{geo_server_name(t.server, t.geo_restore.server)} in "
                                                      f"{t.geo_restore.location}")
     elif rt.servers.supports_geo_restore:

@@ -22,15 +22,13 @@ def restore_backup_task(ref: Ref, *, backup: str, server: str | None = None, dat
     import re
     import socket
 
-    from dr.retention import hold, supports_holds
-
     from prefect.runtime import flow_run
 
     rt = ref.rt()
     resume_key = f"incident {incident}" if incident else (f"flow run {flow_run.id}" if flow_run.id else None)
     # hold the backup so retention cannot delete it while it is being read (from any machine)
     holder = re.sub(r"[^A-Za-z0-9_-]", "-", f"restore-{socket.gethostname()[:30]}-{os.getpid()}")
-    held = hold(rt.store, backup, holder=holder) if supports_holds(rt.store) else contextlib.nullcontext()
+    held = rt.store.hold(backup, holder=holder) if rt.store.supports_holds else contextlib.nullcontext()
     with held:
         return restore_backup(rt.servers, rt.store, rt.tools, server=server or rt.target.server,
                               database=database or rt.target.database, backup=backup, jobs=jobs, swap=swap,

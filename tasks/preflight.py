@@ -27,17 +27,18 @@ def latest_server_snapshot_task(ref: Ref) -> tuple[ServerSnapshot, str] | None:
 
 
 @dr_task(retries=1)
-def recreate_server_from_snapshot(ref: Ref, snapshot: ServerSnapshot, tags: dict[str, str] | None = None) -> ServerInfo:
-    """Create the server again, empty, as its snapshot describes it (reused if it exists)."""
+def recreate_server_from_snapshot(ref: Ref, snapshot: ServerSnapshot, tags: dict[str, str] | None = None,
+                                  name: str | None = None) -> ServerInfo:
+    """Create the server again, empty, as its snapshot describes it, as `name` (default its own; reused if it exists)."""
     rt = ref.rt()
-    name = rt.target.server
+    name = name or rt.target.server
     if rt.servers.server_exists(name):
         return rt.servers.get_server(name)
     return rt.servers.create_server_from_snapshot(name, snapshot, tags=tags)
 
 
 @dr_task(retries=1)
-def apply_server_parameters(ref: Ref, parameters: dict[str, str]) -> ParameterChange:
+def apply_server_parameters(ref: Ref, parameters: dict[str, str], server: str | None = None) -> ParameterChange:
     """Set the server's parameters (restarting it if they need it) and wait until it is ready."""
     rt = ref.rt()
-    return rt.servers.set_server_parameters(rt.target.server, parameters)
+    return rt.servers.set_server_parameters(server or rt.target.server, parameters)

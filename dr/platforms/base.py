@@ -439,6 +439,48 @@ class BackupStore(abc.ABC):
     def delete_backup(self, name: str) -> None:
         """Delete a backup; succeeds if already gone."""
 
+    #: whether the store keeps holds (`hold`, `held`); retention deletes only from stores that do
+    supports_holds: bool = False
+
+    def hold(self, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
+        """Hold a backup for the duration of a `with` block, so retention will not delete it.
+
+        Args:
+            name: the backup's name.
+            holder: who holds it (an incident id or flow run id); one hold per holder and backup.
+
+        Returns:
+            A context manager; the hold is released when the block ends, however it ends.
+
+        Raises:
+            BackupError: the store keeps no holds, or the holder already holds the backup.
+            BackupNotFound: there is no such backup.
+            InvalidInput: the holder's name is not 1-64 letters, digits, '_' and '-'.
+        """
+        from dr.platforms.holds import not_supported
+
+        raise not_supported(self, name)
+
+    def held(self, name: str) -> bool:
+        """Whether a live (not stale) hold is on the backup (see `dr.platforms.holds`).
+
+        Raises:
+            BackupError: the store keeps no holds (so retention refuses to delete from it).
+        """
+        from dr.platforms.holds import not_supported
+
+        raise not_supported(self, name)
+
+    def dead_holds(self) -> list[str]:
+        """The holds whose restore provably ended (its process is gone); tidy-up removes them at once.
+
+        Default: none can be proved (a hold taken elsewhere goes stale instead).
+        """
+        return []
+
+    def release_dead_hold(self, marker: str) -> None:
+        """Remove a hold that `dead_holds` lists (idempotent); any other is left alone."""
+
     @contextlib.contextmanager
     def writer(self, name: str) -> Iterator[BackupWriter]:
         """Context manager: aborts the upload unless `commit` was called."""

@@ -46,10 +46,11 @@ def deploy_cmd(name: Optional[list[str]] = typer.Option(None, "--name", "-n", he
                        f"`prefect deploy --all --prefect-file {write}`)")
             return
 
-        api = use_prefect().api_url  # PREFECT_API_URL's server, else the project's (started if need be)
-        if api is None:
-            raise ConfigError("dr deploy needs a Prefect server that lasts: set PREFECT_API_URL, or let the project's "
-                              "local server start (dr local up)", world_state="nothing was registered")
+        from dr.cli.operations import _api_url_or_fail
+
+        # deployments belong on a server that lasts, and one a worker will poll: PREFECT_API_URL's, or the
+        # project's local server when it runs (dr local up); never one started for this command alone
+        api = _api_url_or_fail()
         from deployments.automations import ensure_automations
         from dr.fleet.register import register
         from dr.notify import webhook_urls

@@ -509,6 +509,20 @@ class TestBulkReplacement:
         assert result.compared.startswith("kept comparison")
         assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
 
+    def test_rows_loaded_in_bulk_that_differ_from_the_compared_ones_fail_the_verification(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM wide")
+        box: dict = {}
+        report = compare(now, then, ["wide"], on_compared=keep(box))
+        run_sql(then, "UPDATE wide SET body = 'changed on the PTR server' WHERE id = 7")  # after the comparison
+        before, schema = db_state(now.psycopg_kwargs()), schema_state(now)
+        with pytest.raises(RestoreError, match="did not verify: public.wide: 12000 rows"):
+            apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert db_state(now.psycopg_kwargs()) == before and schema_state(now) == schema
+        run_sql(then, "UPDATE wide SET body = repeat('w', 7) WHERE id = 7")
+        apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
+
     def test_a_role_that_does_not_own_the_table_replaces_it_row_by_row_naming_what_bulk_needs(self, engine):
         then, now = engine.then, engine.now
         run_sql(now, "CREATE ROLE dr_notowner LOGIN PASSWORD 'notowner-pw-1'")

@@ -2,26 +2,35 @@
 
 Inside that transaction, in this order:
 
-1. its id (`txid_current()`) is recorded durably in the store (`record`), so that a re-run can
+1. the replaced tables are locked against writers, as its first statements, before its snapshot is
+   taken (so that it sees every write committed before it holds the locks): SHARE ROW EXCLUSIVE
+   (readers go on), ACCESS EXCLUSIVE for a table approved for bulk replacement (TRUNCATE needs it);
+2. its id (`txid_current()`) is recorded durably in the store (`record`), so that a re-run can
    ask the live server whether it committed (`txid_status`) and never apply twice;
-2. the replaced tables are locked against writers (SHARE ROW EXCLUSIVE; readers go on);
-3. the key columns and a hash of each of their rows at T are streamed from the PTR server into
-   temporary tables (COPY to COPY, no file), compared with the live rows by primary key, and the
-   result must be exactly what was approved (same keys, same live row hashes) or nothing is done;
+3. it establishes that it acts on exactly the approved comparison: the comparison kept by the
+   report (`dr.tables.carry`) when the live tables are proven unchanged since it was made (same
+   files, same row count, no row written since its snapshot: one light scan per table); otherwise
+   the key columns and a hash of each row at T are streamed again from the PTR server (COPY to COPY,
+   no file) and compared with the live rows by primary key. Either way the result must be exactly
+   what was approved (same keys, same live row hashes, same method per table) or nothing is done;
 4. user triggers of the closure tables are disabled (ALTER TABLE ... DISABLE TRIGGER, which
    needs ownership: refused beforehand, naming the owner, otherwise), so that restored rows are
    the rows as at T and no trigger writes elsewhere; foreign keys stay enforced;
-5. the rows are made equal to T: removed rows deleted (children first), reverted rows updated
-   (their rows at T fetched whole by key), rows that come back streamed from the PTR server
+5. the rows are made equal to T. A table where most rows change, approved for bulk replacement, is
+   stripped of its keys and indexes, emptied and reloaded from the PTR server (`dr.tables.bulk`).
+   Every other table is changed row by row: removed rows deleted (children first), reverted rows
+   updated (their rows at T fetched whole by key), rows that come back streamed from the PTR server
    straight into the live table by key (COPY to COPY; only changed rows travel), the rows needed
-   from parent tables inserted. Each step runs in a savepoint; a step that a key or unique
+   from parent tables inserted. Each row step runs in a savepoint; a step that a key or unique
    constraint stops for now (because another step must go first) is tried again after the others,
    until all are done or none progresses (then the constraint is named and everything is rolled back);
-6. triggers are put back exactly as they were; deferred constraints are checked
-   (`SET CONSTRAINTS ALL IMMEDIATE`);
-7. the result is verified: every replaced table equals its rows at T (row hashes by key), every
-   needed row is there, and no table outside the closure was written in this transaction
-   (`pg_stat_xact_user_tables`);
+6. the bulk tables' constraints and indexes are rebuilt as they were and their foreign keys
+   re-added and validated (each key checked once over the whole table); triggers are put back
+   exactly as they were; deferred constraints are checked (`SET CONSTRAINTS ALL IMMEDIATE`);
+7. the result is verified: every replaced table equals its rows at T (row hashes by key; for a
+   bulk table, its row count and the sum of its row hashes), every needed row is there, the
+   rebuilt definitions equal the recorded ones, and no table outside the closure was written in
+   this transaction (`pg_stat_xact_user_tables`);
 8. sequences of the closure tables that are behind the PTR server's are set forward to it
    (never back: ids handed out after T are never handed out again). `setval` cannot be rolled
    back, so it is the last statement before COMMIT; it happens only when the PTR server is ahead,
@@ -34,7 +43,8 @@ never updated; a partitioned table is read, updated and written through its root
 primary key includes the partition key, a row whose partition key changed after T is a different
 key: its post-T version is removed and its version at T comes back into its own partition.
 Triggers: user triggers (and constraint triggers) of the closure tables do not fire on restored
-rows (step 4); the foreign keys' own triggers do, so every key is checked.
+rows (step 4), nor on the TRUNCATE of a bulk table; the foreign keys' own triggers do, so every key
+is checked (for a bulk table, by the validation of the re-added key).
 """
 
 from __future__ import annotations

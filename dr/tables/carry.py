@@ -50,7 +50,7 @@ from psycopg import sql
 from dr.errors import BackupError
 from dr.platforms.base import BackupInfo, BackupStore
 from dr.tables.bulk import BULK
-from dr.tables.compare import H, ChangeReport, Stage, TableChanges, Work, idents, rel, row_of
+from dr.tables.compare import H, ChangeReport, Stage, TableChanges, Work, batched, idents, rel, row_of
 
 KIND = "table-comparison"
 FORMAT_VERSION = 1
@@ -102,7 +102,7 @@ def _files(w: Work, table: str) -> list[int | None]:
 def _export(w: Work, query: sql.Composable) -> IO[bytes]:
     f = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="dr-carry-")
     with w.live.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)) as cp:
-        for data in cp:
+        for data in batched(cp):
             f.write(data)
     return f
 

@@ -31,7 +31,8 @@ from psycopg import sql
 
 from dr.errors import BackupError, BackupNotFound
 from dr.platforms.base import BackupInfo, BackupStore
-from dr.tables.compare import BACK, REMOVED, REVERTED, SESSION_SETTINGS, TEXT, ChangeReport, Work, idents, rel, row_hash
+from dr.tables.compare import (BACK, REMOVED, REVERTED, SESSION_SETTINGS, TEXT, ChangeReport, Work, batched, idents,
+                               rel, row_hash)
 
 PACK_KIND = "reconcile-pack"
 RECORD_KIND = "table-recovery"
@@ -87,7 +88,7 @@ class _Sink(io.RawIOBase):
 def _export(zf: zipfile.ZipFile, path: str, w: Work, query: sql.Composable) -> None:
     with zf.open(path, "w", force_zip64=True) as f, w.live.cursor() as cur:
         with cur.copy(sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query)) as cp:
-            for data in cp:
+            for data in batched(cp):
                 f.write(data)
 
 

@@ -66,8 +66,10 @@ def plan_table_recovery(ref: Ref, plan, tables: list[str]):
         "store the reconciliation pack of the writes after T that the recovery discards (CSV per table + apply.sql) "
         "beside the safety backup",
         "APPROVAL: replace those rows (the report shown; tables outside the closure keep their writes after T)",
-        f"in ONE transaction on {t.server}/{t.database}: stream the rows at T from the PTR server, replace the rows, "
-        "check every constraint, verify every table equals T, sequences only forward; any failure rolls back",
+        f"in ONE transaction on {t.server}/{t.database}: lock the tables, prove them unchanged since the comparison "
+        "(or compare again), stream the rows at T from the PTR server and replace the rows (a table where most rows "
+        "change and that the role owns: reloaded in bulk, its indexes rebuilt and keys re-validated), check every "
+        "constraint, verify every table equals T, sequences only forward; any failure rolls back",
         "restart the app (recorded replicas) behind the maintenance page",
         "validate on the temporary URL (healthcheck + data checks)",
         "APPROVAL: disable maintenance",

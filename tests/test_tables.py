@@ -240,6 +240,8 @@ ALTER TABLE wide CLUSTER ON wide_pkey;
 INSERT INTO wide SELECT g, 1 + g % 40, 'c' || g, repeat('w', g % 30) FROM generate_series(1, 12000) g;
 CREATE TABLE wide_notes (id int PRIMARY KEY, wide_id bigint REFERENCES wide(id) ON DELETE CASCADE, note text);
 INSERT INTO wide_notes SELECT g, g * 7, 'note ' || g FROM generate_series(1, 300) g;
+CREATE TABLE log_lines (at int NOT NULL, line text);  -- no key, no index: replaced whole, in bulk
+INSERT INTO log_lines SELECT g, 'line ' || g FROM generate_series(1, 10000) g;
 """
 
 
@@ -493,6 +495,17 @@ class TestBulkReplacement:
             run_sql(now, "INSERT INTO wide VALUES (50002, 1, 'c5', '')")
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             run_sql(now, "INSERT INTO wide VALUES (50002, 99, 'new', '')")
+
+    def test_a_table_without_a_key_or_index_is_replaced_whole_in_bulk(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM log_lines WHERE at % 3 = 0; INSERT INTO log_lines VALUES (0, 'after T')")
+        report = compare(now, then, ["log_lines"])
+        [lines] = report.tables
+        assert lines.whole_table and lines.method == "bulk"
+        result = apply_tables(now, then, ["log_lines"], approved=report.digests(), record=no_record)
+        assert result.applied["public.log_lines"] == {"emptied": 6668, "reloaded in bulk": 10000}
+        assert db_state(now.psycopg_kwargs())["table public.log_lines"] == \
+            db_state(then.psycopg_kwargs())["table public.log_lines"]
 
     def test_a_failure_after_the_keys_were_dropped_rolls_back_to_exactly_the_old_state(self, engine):
         then, now = engine.then, engine.now

@@ -74,7 +74,7 @@ SELECT co.oid, co.conname, co.conrelid, co.confrelid, pg_get_constraintdef(co.oi
                 '{}'),
        c.relnamespace::regnamespace::text, c.relname, p.relnamespace::regnamespace::text, p.relname
 FROM pg_constraint co JOIN pg_class c ON c.oid = co.conrelid JOIN pg_class p ON p.oid = co.confrelid
-WHERE co.contype = 'f' AND (co.conrelid = ANY(%s) OR co.confrelid = ANY(%s))
+WHERE co.contype = 'f' AND (co.conrelid = ANY(%s::oid[]) OR co.confrelid = ANY(%s::oid[]))
   AND coalesce((to_jsonb(co) ->> 'conparentid')::oid, 0) = 0
 ORDER BY co.conrelid, co.conname
 """
@@ -94,10 +94,10 @@ FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s OR
 #: objects other than those we drop and put back that depend on the indexes or constraints
 _DEPENDENTS = """
 SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) FROM pg_depend d
-WHERE ((d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY(%(idx)s))
-    OR (d.refclassid = 'pg_constraint'::regclass AND d.refobjid = ANY(%(con)s)))
-  AND NOT (d.classid = 'pg_class'::regclass AND d.objid = ANY(%(idx)s))
-  AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid = ANY(%(con)s || %(fks)s))
+WHERE ((d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY(%(idx)s::oid[]))
+    OR (d.refclassid = 'pg_constraint'::regclass AND d.refobjid = ANY(%(con)s::oid[])))
+  AND NOT (d.classid = 'pg_class'::regclass AND d.objid = ANY(%(idx)s::oid[]))
+  AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid = ANY(%(con)s::oid[] || %(fks)s::oid[]))
 ORDER BY 1
 """
 

@@ -47,7 +47,6 @@ from typing import IO, Any, Iterator
 
 from psycopg import sql
 
-from dr.errors import BackupError
 from dr.platforms.base import BackupInfo, BackupStore
 from dr.tables.bulk import BULK
 from dr.tables.compare import H, ChangeReport, Stage, TableChanges, Work, batched, idents, rel, row_of
@@ -270,21 +269,9 @@ def find_carried(store: BackupStore, incident: str, digests: dict[str, str]) -> 
 
 def read_carried(store: BackupStore, name: str) -> Carried:
     """Read a kept comparison (checksum verified) into a temporary file."""
-    f = tempfile.TemporaryFile(prefix="dr-carry-")
-    try:
-        with store.reader(name) as r:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-            r.verify()
-        f.seek(0)
-        zf = zipfile.ZipFile(f)
-        meta = json.loads(zf.read("comparison.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-        f.close()
-        raise BackupError(f"the kept comparison {name} is unreadable: {exc}", backup=name) from exc
-    except BaseException:
-        f.close()
-        raise
+    from dr.tables.pack import read_zip
+
+    _info, zf, f, meta = read_zip(store, name, "kept comparison", "comparison.json")
     return Carried(meta, {}, zf, f)
 
 

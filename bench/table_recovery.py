@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from dr.database import drop_database
     from dr.restore import restore_backup
     from dr.tables.apply import apply_tables
+    from dr.tables.carry import carried_name, carry_out, read_carried, write_carried
     from dr.tables.compare import compare
     from dr.tables.pack import pack_name, write_pack
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.2)
         t = datetime.now(timezone.utc).replace(microsecond=0)
         time.sleep(1.2)
-        table_s, whole_s, kept_rows, report_kept, loads, steps = [], [], [], [], [], []
+        table_s, whole_s, kept_rows, report_kept, loads, steps, whole_loads = [], [], [], [], [], [], []
         for rep in range(args.reps):
             touched = damage(b, table, args.damage, rep)
             written = write_after_t(b, rep)
@@ -140,28 +141,41 @@ def main(argv: list[str] | None = None) -> int:
             # the table path
             started = time.perf_counter()
             name = pack_name("apply", "dev", f"bench-{rep}", datetime.now(timezone.utc))
-            report = compare(live, ptr, [table], restore_time=f"{t:%H:%M:%S} UTC",
-                             on_compared=lambda w, r: write_pack(b.store, name, w, r, incident=f"bench-{rep}",
-                                                                 service="apply", environment="development",
-                                                                 server=b.server, safety_backup=None))
+            kept = carried_name("apply", "dev", f"bench-{rep}", datetime.now(timezone.utc))
+
+            def keep_and_pack(w, r, rep=rep, name=name, kept=kept):  # as tasks/tables.py's compare task does
+                carried = carry_out(w, r)
+                write_carried(b.store, kept, carried, incident=f"bench-{rep}", server=b.server, database=b.database)
+                carried.close()
+                write_pack(b.store, name, w, r, incident=f"bench-{rep}", service="apply", environment="development",
+                           server=b.server, safety_backup=None)
+
+            report = compare(live, ptr, [table], restore_time=f"{t:%H:%M:%S} UTC", on_compared=keep_and_pack)
             compared = time.perf_counter()
             assert not report.blockers, report.blockers
-            result = apply_tables(live, ptr, [table], approved=report.digests(), record=lambda txid, oid: None)
+            carried = read_carried(b.store, kept)  # as tasks/tables.py's apply task does
+            result = apply_tables(live, ptr, [table], approved=report.digests(), record=lambda txid, oid: None,
+                                  carried=carried)
+            carried.close()
             table_s.append(time.perf_counter() - started)
             steps.append((compared - started, result.seconds))
             kept_rows.append(written)
             report_kept.append(report.rows_kept())
-            log(f"rep {rep + 1}: {touched} rows of {table} damaged; table path {table_s[-1]:.2f} s (compare + pack "
-                f"{compared - started:.2f} s, apply {result.seconds:.2f} s: {result.summary()}; {result.timings})")
+            methods = ", ".join(f"{x.table} {x.method}" for x in report.tables if x.role != "needed")
+            log(f"rep {rep + 1}: {touched} rows of {table} damaged; load {loads[-1]:.1f}; table path {table_s[-1]:.2f} s "
+                f"(compare + pack {compared - started:.2f} s, apply {result.seconds:.2f} s: {methods}; "
+                f"{result.summary()}; {result.compared}; {result.timings})")
             # the whole-database path on the same PTR server
             b.settle()
+            whole_loads.append(os.getloadavg()[0])
             started = time.perf_counter()
             backup = take_backup(b.servers, b.store, b.tools, server=ptr_name, database=b.database,
                                  name=f"bench_ptr_{rep}_{int(time.time())}.pgdump.zst", kind="ptr")
             restore_backup(b.servers, b.store, b.tools, server=b.server, database=b.database,
                            backup=backup.info.name, jobs=2, swap=True)
             whole_s.append(time.perf_counter() - started)
-            log(f"rep {rep + 1}: whole-database path {whole_s[-1]:.2f} s (backup {backup.seconds:.2f} s)")
+            log(f"rep {rep + 1}: load {whole_loads[-1]:.1f}; whole-database path {whole_s[-1]:.2f} s "
+                f"(backup {backup.seconds:.2f} s)")
             for (old,) in b.sql("SELECT datname FROM pg_database WHERE datname LIKE '%\\_replaced\\_%'"):
                 drop_database(b.admin, old)
             b.store.delete_backup(backup.info.name)
@@ -169,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = wm / tm
         print(f"\nsize {args.size}: database {db_bytes / MB:.0f} MB; recovered {table} {table_bytes / MB:.0f} MB "
               f"({table_bytes / db_bytes:.0%}), damage: {args.damage}; {args.reps} reps; {os.cpu_count()} cores; "
-              f"1-min load average at the starts {min(loads):.1f}..{max(loads):.1f}")
+              f"1-min load average at the starts: table path {', '.join(f'{x:.1f}' for x in loads)}; "
+              f"whole-database path {', '.join(f'{x:.1f}' for x in whole_loads)}")
         print(f"table path (compare + pack + one-transaction apply)   median {tm:6.2f} s  "
               f"(min {min(table_s):.2f}; compare+pack {statistics.median(s[0] for s in steps):.2f} s, "
               f"apply {statistics.median(s[1] for s in steps):.2f} s)")

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import logging
+
 from dr.runtime import Ref
 from tasks.common import dr_task
+
+
+log = logging.getLogger("dr.tables")
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,10 @@ def plan_table_recovery(ref: Ref, plan, tables: list[str]):
         "store the reconciliation pack of the writes after T that the recovery discards (CSV per table + apply.sql) "
         "beside the safety backup",
         "APPROVAL: replace those rows (the report shown; tables outside the closure keep their writes after T)",
-        f"in ONE transaction on {t.server}/{t.database}: stream the rows at T from the PTR server, replace the rows, "
-        "check every constraint, verify every table equals T, sequences only forward; any failure rolls back",
+        f"in ONE transaction on {t.server}/{t.database}: lock the tables, prove them unchanged since the comparison "
+        "(or compare again), stream the rows at T from the PTR server and replace the rows (a table where most rows "
+        "change and that the role owns: reloaded in bulk, its indexes rebuilt and keys re-validated), check every "
+        "constraint, verify every table equals T, sequences only forward; any failure rolls back",
         "restart the app (recorded replicas) behind the maintenance page",
         "validate on the temporary URL (healthcheck + data checks)",
         "APPROVAL: disable maintenance",
@@ -114,6 +121,7 @@ def compare_tables_task(ref: Ref, *, ptr_server: str, tables: list[str], inciden
     Returns:
         (ChangeReport, the pack's name or None when refused).
     """
+    from dr.tables.carry import carried_name, carry_out, write_carried
     from dr.tables.compare import compare
     from dr.tables.pack import find_packs, pack_name, write_pack
 
@@ -124,6 +132,13 @@ def compare_tables_task(ref: Ref, *, ptr_server: str, tables: list[str], inciden
     stored: dict[str, str] = {}
 
     def store_pack(w, report) -> None:
+        # the comparison itself, so that the apply need not make it again (dr.tables.carry)
+        carried = carry_out(w, report)
+        try:
+            write_carried(rt.store, carried_name(t.service, t.env_short, incident, datetime.now(timezone.utc)), carried,
+                          incident=incident, server=t.server, database=t.database)
+        finally:
+            carried.close()
         for info in find_packs(rt.store, incident):  # a re-run with the same comparison reuses its pack
             if (info.manifest or {}).get("digests") == report.digests():
                 stored["name"] = info.name
@@ -143,6 +158,7 @@ def apply_tables_task(ref: Ref, *, ptr_server: str, tables: list[str], incident:
                       pack: str | None, restore_time_utc: str):
     """Replace the closure tables' rows in ONE transaction (recorded in the store first); never retried."""
     from dr.tables.apply import apply_tables
+    from dr.tables.carry import find_carried, find_carried_all, read_carried
     from dr.tables.pack import write_record
 
     rt = ref.rt()
@@ -156,8 +172,20 @@ def apply_tables_task(ref: Ref, *, ptr_server: str, tables: list[str], incident:
             "tables": list(tables), "ptr_server": ptr_server, "restore_time_utc": restore_time_utc, "pack": pack,
             "approved": approved, "started_at": datetime.now(timezone.utc).isoformat()}, incident=incident)
 
-    return apply_tables(live, ptr, tables, approved=approved, record=record,
-                        application_name=f"dr-orchestrator table recovery {incident}")
+    kept = find_carried(rt.store, incident, approved)  # the approved comparison, as the compare kept it
+    carried = read_carried(rt.store, kept.name) if kept else None
+    try:
+        result = apply_tables(live, ptr, tables, approved=approved, record=record,
+                              application_name=f"dr-orchestrator table recovery {incident}", carried=carried)
+    finally:
+        if carried is not None:
+            carried.close()
+    for info in find_carried_all(rt.store, incident):  # applied: the kept comparisons served their purpose
+        try:
+            rt.store.delete_backup(info.name)
+        except Exception as exc:  # noqa: BLE001 - a leftover is harmless (small, never used again)
+            log.warning("could not delete the kept comparison %s: %s", info.name, exc)
+    return result
 
 
 @dr_task(retries=1)

@@ -14,6 +14,7 @@ import csv
 import io
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg
@@ -22,11 +23,12 @@ import pytest
 from dr.commands import ConnInfo
 from dr.errors import RestoreError
 from dr.tables.apply import apply_tables
+from dr.tables.carry import carry_out
 from dr.tables.compare import TableRecoveryRefused, compare
 from dr.tables.pack import find_packs, find_records, read_pack
 from flows.data_loss import data_loss
 from flows.reconcile import reconcile
-from tests.faults.harness import db_state, freeze, live_state, step_until, thaw
+from tests.faults.harness import db_state, freeze, live_state, thaw
 from tests.helpers import make_env, utc_now, wait_a_second
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -119,7 +121,7 @@ class TestTableRecoveryScenario:
         assert "public.candidates (needed)" in plan and "public.courses (needed)" in plan
         assert "TABLE-LEVEL" in plan and "in ONE transaction" in plan and "back up the PTR server" not in plan.split(
             "APPROVAL: replace")[0]
-        report = open(scenario.result["report"]).read()
+        report = Path(scenario.result["report"]).read_text()
         assert "## What this changes" in report and "ON DELETE CASCADE" in report
         assert "Kept: the RPO gained" in report and "dr reconcile --service apply" in report
 
@@ -226,6 +228,21 @@ INSERT INTO notes SELECT 'note ' || g, date '2026-01-01' + g, '{"n": 1}' FROM ge
 -- json has no hash function: these two tables are compared by the md5 of each row's text
 CREATE TABLE big (id int PRIMARY KEY, body text NOT NULL, meta json NOT NULL DEFAULT '{}');
 INSERT INTO big SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 20000) g;
+-- big enough to be replaced in bulk once wiped: keys to and from it, a unique constraint, a partial index,
+-- comments and a CLUSTER mark that must all come back exactly
+CREATE TABLE kinds (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO kinds SELECT g, 'kind ' || g FROM generate_series(1, 40) g;
+CREATE TABLE wide (id bigint PRIMARY KEY, kind_id int NOT NULL REFERENCES kinds(id), code text NOT NULL,
+                   body text, CONSTRAINT wide_code_key UNIQUE (code));
+CREATE INDEX wide_kind_idx ON wide (kind_id) WHERE body <> '';
+COMMENT ON INDEX wide_kind_idx IS 'kinds in use';
+COMMENT ON CONSTRAINT wide_code_key ON wide IS 'one row per code';
+ALTER TABLE wide CLUSTER ON wide_pkey;
+INSERT INTO wide SELECT g, 1 + g % 40, 'c' || g, repeat('w', g % 30) FROM generate_series(1, 12000) g;
+CREATE TABLE wide_notes (id int PRIMARY KEY, wide_id bigint REFERENCES wide(id) ON DELETE CASCADE, note text);
+INSERT INTO wide_notes SELECT g, g * 7, 'note ' || g FROM generate_series(1, 300) g;
+CREATE TABLE log_lines (at int NOT NULL, line text);  -- no key, no index: replaced whole, in bulk
+INSERT INTO log_lines SELECT g, 'line ' || g FROM generate_series(1, 10000) g;
 """
 
 
@@ -252,6 +269,38 @@ def run_sql(conn: ConnInfo, statement: str, params=None):
 
 def no_record(txid: int, oid: int) -> None:
     pass
+
+
+#: what a bulk replacement drops and puts back, and trigger states: must be identical before and after
+SCHEMA_STATE = """
+SELECT 'index ' || c.relname, pg_get_indexdef(i.indexrelid) || ' valid=' || i.indisvalid || ' clustered='
+       || i.indisclustered || ' comment=' || coalesce(obj_description(i.indexrelid, 'pg_class'), '-')
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relnamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'constraint ' || conrelid::regclass || '.' || conname, pg_get_constraintdef(oid) || ' validated='
+       || convalidated || ' comment=' || coalesce(obj_description(oid, 'pg_constraint'), '-')
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'trigger ' || tgrelid::regclass || '.' || tgname, tgenabled::text FROM pg_trigger
+WHERE NOT tgisinternal AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)
+UNION ALL  -- a foreign key's own triggers are named after their OIDs, which a re-added key changes
+SELECT 'key triggers ' || co.conrelid::regclass || '.' || co.conname,
+       string_agg(t.tgrelid::regclass || ' ' || t.tgfoid::regproc || ' ' || t.tgtype || ' ' || t.tgenabled::text, ', '
+                  ORDER BY 1)
+FROM pg_trigger t JOIN pg_constraint co ON co.oid = t.tgconstraint
+WHERE t.tgisinternal AND co.connamespace = 'public'::regnamespace GROUP BY co.conrelid, co.conname
+"""
+
+
+def schema_state(conn: ConnInfo) -> dict[str, str]:
+    return dict(run_sql(conn, SCHEMA_STATE))
+
+
+def keep(box: dict):
+    """An `on_compared` that keeps the comparison for the apply, as the data-loss flow's compare task does."""
+    def on_compared(w, report) -> None:
+        box["carried"] = carry_out(w, report)
+    return on_compared
 
 
 class TestReplacementEngine:
@@ -297,19 +346,26 @@ class TestReplacementEngine:
     def test_the_live_data_changed_since_approval_is_refused(self, engine):
         then, now = engine.then, engine.now
         run_sql(now, "UPDATE big SET body = 'damaged' WHERE id <= 3")
-        report = compare(now, then, ["big"])
+        box: dict = {}
+        report = compare(now, then, ["big"], on_compared=keep(box))
         run_sql(now, "UPDATE big SET body = 'damaged again' WHERE id = 4")
         before = db_state(now.psycopg_kwargs())
         with pytest.raises(TableRecoveryRefused, match="changed since the report was approved"):
             apply_tables(now, then, ["big"], approved=report.digests(), record=no_record)
+        assert db_state(now.psycopg_kwargs()) == before
+        # the kept comparison is not used: the proof fails, every row is compared again, and it is refused the same
+        with pytest.raises(TableRecoveryRefused, match="changed since the report was approved"):
+            apply_tables(now, then, ["big"], approved=report.digests(), record=no_record, carried=box["carried"])
         assert db_state(now.psycopg_kwargs()) == before
 
     def test_terminating_the_backend_mid_copy_leaves_the_live_tables_unchanged(self, engine):
         then, now = engine.then, engine.now
         run_sql(now, "DELETE FROM big WHERE id > 100")
         report = compare(now, then, ["big"])
-        before = db_state(now.psycopg_kwargs())
+        assert report.tables[0].method == "bulk"  # 19,900 of 20,000 rows come back: TRUNCATE + COPY
+        before, schema = db_state(now.psycopg_kwargs()), schema_state(now)
         app = "dr-orchestrator test kill"
+        big_oid = run_sql(now, "SELECT 'big'::regclass::oid")[0][0]
         box: dict = {}
 
         def run() -> None:
@@ -323,37 +379,38 @@ class TestReplacementEngine:
         admin = engine.env.conn("postgres")
 
         def backend() -> int | None:
-            r = run_sql(admin, "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = 't_then'",
+            r = run_sql(admin, "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = 't_now'",
                         (app,))
             return r[0][0] if r else None
 
         deadline = time.monotonic() + 60
-        source = None
-        while source is None and time.monotonic() < deadline:
-            source = backend()
-        assert source, "the recovery never opened its session on the PTR side"
-        freeze(source)  # from now on it runs 64 KB of output at a time
-        big_oid = run_sql(now, "SELECT 'big'::regclass::oid")[0][0]
-        target: list[int] = []
+        live = None
+        while live is None and time.monotonic() < deadline:
+            live = backend()
+        assert live, "the recovery never opened its session on the live side"
 
         def rows_arrived_in_the_live_table() -> bool:
-            r = run_sql(admin, "SELECT p.pid, p.tuples_processed FROM pg_stat_progress_copy p JOIN pg_stat_activity a "
-                               "USING (pid) WHERE a.application_name = %s AND a.datname = 't_now' AND p.relid = %s",
-                        (app, big_oid))
-            if r and r[0][1] > 0:
-                target.append(r[0][0])
-                return True
-            return False
+            r = run_sql(admin, "SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = %s AND relid = %s",
+                        (live, big_oid))
+            return bool(r) and 0 < r[0][0] < 20_000
 
+        # The live session is let go 2 ms at a time. A backend's socket output is not counted in /proc/<pid>/io,
+        # so it is stepped in time, not bytes; frozen, it reads nothing, so the copy cannot end between looks.
+        freeze(live)
         try:
-            assert step_until(source, rows_arrived_in_the_live_table, progress="wchar", step=64 * 1024), \
-                "the copy ended first"
-            run_sql(admin, "SELECT pg_terminate_backend(%s)", (target[0],))  # mid-copy into the live table
+            while not rows_arrived_in_the_live_table():
+                assert time.monotonic() < deadline and th.is_alive(), "the copy ended first"
+                thaw(live)
+                time.sleep(0.002)
+                freeze(live)
+                time.sleep(0.001)
+            run_sql(admin, "SELECT pg_terminate_backend(%s)", (live,))  # mid-copy into the live table
         finally:
-            thaw(source)
+            thaw(live)
         th.join(60)
         assert isinstance(box.get("error"), RestoreError) and "was not committed" in str(box["error"])
         assert db_state(now.psycopg_kwargs()) == before
+        assert schema_state(now) == schema  # its dropped primary key is back with the rollback
         apply_tables(now, then, ["big"], approved=report.digests(), record=no_record)  # the re-run completes
         assert db_state(now.psycopg_kwargs())["table public.big"] == db_state(then.psycopg_kwargs())["table public.big"]
 
@@ -371,3 +428,130 @@ class TestReplacementEngine:
         assert "items_stamp" in blocker and "SELECT on sequence public.items_id_seq" in blocker
         with pytest.raises(TableRecoveryRefused, match="ownership of public.items"):
             apply_tables(limited, then, ["items"], approved={}, record=no_record)
+
+
+class TestKeptComparison:
+    """The apply acts on the kept comparison only when the live table provably did not change since."""
+
+    def test_a_write_or_a_rewrite_since_the_comparison_makes_the_apply_compare_every_row_again(self, engine):
+        then, now = engine.then, engine.now
+        for tamper, why in (("UPDATE wide SET body = body WHERE id = 11", "row(s) written since the comparison"),
+                            ("VACUUM FULL wide", "re-created or rewritten")):
+            run_sql(now, "UPDATE wide SET body = 'damaged' WHERE id <= 10")
+            box: dict = {}
+            report = compare(now, then, ["wide"], on_compared=keep(box))
+            run_sql(now, tamper)  # the rows are the same, but nothing proves it short of comparing them
+            result = apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record,
+                                  carried=box["carried"])
+            assert result.compared.startswith("compared again") and why in result.compared
+            assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
+        # untouched since: the kept comparison is used, and only the changed keys travel
+        run_sql(now, "UPDATE wide SET body = 'damaged' WHERE id <= 10")
+        box = {}
+        report = compare(now, then, ["wide"], on_compared=keep(box))
+        result = apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert result.compared.startswith("kept comparison")
+        assert result.applied["public.wide"] == {"deleted": 0, "updated": 10, "inserted": 0}
+        assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
+
+    def test_a_row_deleted_since_the_comparison_is_refused_though_no_row_was_written(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "UPDATE wide SET body = 'damaged' WHERE id <= 10")
+        box: dict = {}
+        report = compare(now, then, ["wide"], on_compared=keep(box))
+        run_sql(now, "DELETE FROM wide WHERE id = 20")  # no new row version: only the count shows it
+        before = db_state(now.psycopg_kwargs())
+        with pytest.raises(TableRecoveryRefused, match="changed since the report was approved"):
+            apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert db_state(now.psycopg_kwargs()) == before
+        report = compare(now, then, ["wide"])
+        apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record)
+        assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
+
+
+class TestBulkReplacement:
+    def test_a_wiped_table_is_reloaded_in_bulk_with_its_indexes_and_keys_exactly_as_before(self, engine):
+        then, now = engine.then, engine.now
+        schema = schema_state(now)
+        run_sql(now, "DELETE FROM wide")  # its notes cascade
+        run_sql(now, "INSERT INTO wide VALUES (50001, 3, 'late', 'written after T')")
+        box: dict = {}
+        report = compare(now, then, ["wide"], on_compared=keep(box))
+        by = {t.table: t for t in report.tables}
+        assert by["public.wide"].method == "bulk" and "TRUNCATE + COPY FREEZE" in by["public.wide"].method_note
+        assert by["public.wide"].counts == {"back": 12000, "reverted": 0, "removed": 1}
+        assert by["public.wide_notes"].method == "rows" and by["public.wide_notes"].counts["back"] == 300
+        assert "replaced in bulk" in report.markdown() and "replaced in bulk" in report.gate_text()
+        result = apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert result.compared.startswith("kept comparison")
+        assert result.applied["public.wide"] == {"emptied": 1, "reloaded in bulk": 12000}
+        assert result.applied["public.wide_notes"] == {"deleted": 0, "inserted": 300}
+        assert sorted(result.validated) == ["wide_kind_id_fkey", "wide_notes_wide_id_fkey"]
+        assert result.verified_by["public.wide"] == "every row: count and sum of row hashes"
+        state_now, state_then = db_state(now.psycopg_kwargs()), db_state(then.psycopg_kwargs())
+        for t in ("public.wide", "public.wide_notes", "public.kinds"):
+            assert state_now[f"table {t}"] == state_then[f"table {t}"], t
+        # every index, constraint (validated), comment and CLUSTER mark as before; and they work
+        assert schema_state(now) == schema
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            run_sql(now, "INSERT INTO wide VALUES (50002, 1, 'c5', '')")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            run_sql(now, "INSERT INTO wide VALUES (50002, 99, 'new', '')")
+
+    def test_a_table_without_a_key_or_index_is_replaced_whole_in_bulk(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM log_lines WHERE at % 3 = 0; INSERT INTO log_lines VALUES (0, 'after T')")
+        report = compare(now, then, ["log_lines"])
+        [lines] = report.tables
+        assert lines.whole_table and lines.method == "bulk"
+        result = apply_tables(now, then, ["log_lines"], approved=report.digests(), record=no_record)
+        assert result.applied["public.log_lines"] == {"emptied": 6668, "reloaded in bulk": 10000}
+        assert db_state(now.psycopg_kwargs())["table public.log_lines"] == \
+            db_state(then.psycopg_kwargs())["table public.log_lines"]
+
+    def test_a_failure_after_the_keys_were_dropped_rolls_back_to_exactly_the_old_state(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM wide")
+        box: dict = {}
+        report = compare(now, then, ["wide"], on_compared=keep(box))
+        run_sql(now, "DELETE FROM kinds WHERE id = 5")  # after the approval; rows of wide at T need it
+        before, schema = db_state(now.psycopg_kwargs()), schema_state(now)
+        with pytest.raises(TableRecoveryRefused, match="wide_kind_id_fkey"):  # the bulk check of the re-added key
+            apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert db_state(now.psycopg_kwargs()) == before and schema_state(now) == schema
+        run_sql(now, "INSERT INTO kinds VALUES (5, 'kind 5')")
+        result = apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert result.compared.startswith("kept comparison")
+        assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
+
+    def test_rows_loaded_in_bulk_that_differ_from_the_compared_ones_fail_the_verification(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "DELETE FROM wide")
+        box: dict = {}
+        report = compare(now, then, ["wide"], on_compared=keep(box))
+        run_sql(then, "UPDATE wide SET body = 'changed on the PTR server' WHERE id = 7")  # after the comparison
+        before, schema = db_state(now.psycopg_kwargs()), schema_state(now)
+        with pytest.raises(RestoreError, match="did not verify: public.wide: 12000 rows"):
+            apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert db_state(now.psycopg_kwargs()) == before and schema_state(now) == schema
+        run_sql(then, "UPDATE wide SET body = repeat('w', 7) WHERE id = 7")
+        apply_tables(now, then, ["wide"], approved=report.digests(), record=no_record, carried=box["carried"])
+        assert db_state(now.psycopg_kwargs())["table public.wide"] == db_state(then.psycopg_kwargs())["table public.wide"]
+
+    def test_a_role_that_does_not_own_the_table_replaces_it_row_by_row_naming_what_bulk_needs(self, engine):
+        then, now = engine.then, engine.now
+        run_sql(now, "CREATE ROLE dr_notowner LOGIN PASSWORD 'notowner-pw-1'")
+        for conn in (now, then):
+            run_sql(conn, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO dr_notowner")
+        role = {c: ConnInfo(c.host, c.port, "dr_notowner", c.dbname, "notowner-pw-1", c.sslmode) for c in (now, then)}
+        schema = schema_state(now)
+        run_sql(now, "DELETE FROM wide")
+        report = compare(role[now], role[then], ["wide"])
+        [wide] = [t for t in report.tables if t.table == "public.wide"]
+        assert not report.blockers and wide.method == "rows"
+        assert "dr_notowner does not own it (owner dradmin; GRANT dradmin TO dr_notowner)" in wide.method_note
+        apply_tables(role[now], role[then], ["wide"], approved=report.digests(), record=no_record)
+        state_now, state_then = db_state(now.psycopg_kwargs()), db_state(then.psycopg_kwargs())
+        assert state_now["table public.wide"] == state_then["table public.wide"]
+        assert state_now["table public.wide_notes"] == state_then["table public.wide_notes"]
+        assert schema_state(now) == schema

@@ -31,7 +31,8 @@ from psycopg import sql
 
 from dr.errors import BackupError, BackupNotFound
 from dr.platforms.base import BackupInfo, BackupStore
-from dr.tables.compare import BACK, REMOVED, REVERTED, SESSION_SETTINGS, TEXT, ChangeReport, Work, idents, rel, row_hash
+from dr.tables.compare import (BACK, REMOVED, REVERTED, SESSION_SETTINGS, TEXT, ChangeReport, Work, batched, idents,
+                               rel, row_hash)
 
 PACK_KIND = "reconcile-pack"
 RECORD_KIND = "table-recovery"
@@ -87,7 +88,7 @@ class _Sink(io.RawIOBase):
 def _export(zf: zipfile.ZipFile, path: str, w: Work, query: sql.Composable) -> None:
     with zf.open(path, "w", force_zip64=True) as f, w.live.cursor() as cur:
         with cur.copy(sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query)) as cp:
-            for data in cp:
+            for data in batched(cp):
                 f.write(data)
 
 
@@ -202,9 +203,10 @@ class Pack:
                              + ", ".join(e["table"] for e in self.manifest["tables"]), backup=self.info.name)
 
 
-def read_pack(store: BackupStore, name: str) -> Pack:
-    """Read a pack (checksum verified) into a temporary file and open it."""
-    f = tempfile.TemporaryFile(prefix="dr-pack-")
+def read_zip(store: BackupStore, name: str, what: str, member: str) -> tuple[BackupInfo, zipfile.ZipFile, IO[bytes], Any]:
+    """Spool a zip from the store (checksum verified) to a temporary file (a zip is read from its end) and open
+    it; returns (info, zip, file, the JSON of `member`)."""
+    f = tempfile.TemporaryFile(prefix="dr-zip-")
     try:
         with store.reader(name) as r:
             while chunk := r.read(1 << 20):
@@ -213,13 +215,19 @@ def read_pack(store: BackupStore, name: str) -> Pack:
             info = r.info
         f.seek(0)
         zf = zipfile.ZipFile(f)
-        manifest = json.loads(zf.read("manifest.json"))
+        meta = json.loads(zf.read(member))
     except (zipfile.BadZipFile, KeyError, ValueError) as exc:
         f.close()
-        raise BackupError(f"the reconciliation pack {name} is unreadable: {exc}", backup=name) from exc
+        raise BackupError(f"the {what} {name} is unreadable: {exc}", backup=name) from exc
     except BaseException:
         f.close()
         raise
+    return info, zf, f, meta
+
+
+def read_pack(store: BackupStore, name: str) -> Pack:
+    """Read a pack (checksum verified) into a temporary file and open it."""
+    info, zf, f, manifest = read_zip(store, name, "reconciliation pack", "manifest.json")
     return Pack(info, manifest, zf, f)
 
 

@@ -33,10 +33,9 @@ page) and a Prefect server of its own (`prefect server start --no-services`). Ev
    got from the main URL all round long (polled every 100 ms): the maintenance page, or the app
    serving the old or the new set's row counts, never any other data; the router's "no app
    replica" page counts apart, as "error page";
-4. frees the killed run's recovery slot the documented way (after checking that no process of
-   the run is left: `prefect gcl update dr-<service>-<env> --active-slots 0`, here through the
-   Prefect client), counted: on a Prefect server without services nothing else frees it, and
-   with services it would take the 120-s lease to run out;
+4. counts whether the killed run left its recovery slot taken (once no process of the run is
+   left); nothing frees it by hand: the resume must find the holder provably dead (its process
+   on this host is gone) and free it at once, and says so in its log;
 5. resumes with the same command and incident id, and checks the final state: the new set
    exactly, the app out of maintenance with its replicas, one complete safety backup and one
    complete PTR backup of the incident, nothing stored before changed;
@@ -56,6 +55,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -71,7 +71,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ import psycopg  # noqa: E402
 
 from dr.platforms.base import TAG_INCIDENT  # noqa: E402
 from dr.platforms.local.store import META_SUFFIX  # noqa: E402
-from dr.retention import running_since  # noqa: E402
+from dr.platforms.holds import running_since  # noqa: E402
 from dr.runtime import Ref  # noqa: E402
 from flows.ptr import ptr_server_name  # noqa: E402
 from tests.faults.harness import db_state  # noqa: E402
@@ -620,7 +620,8 @@ class RoundResult:
     kill_after: float | None = None  # seconds from the run's start to the kill
     violations: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in INVARIANTS})
     error_page: bool = False  # users got the router's "no app replica" page after the kill, until the resume
-    slot_freed_by_hand: bool = False
+    slot_left_taken: bool = False  # the killed run's recovery slot was still taken after the kill
+    slot_freed_by_resume: bool = False  # the resume said it freed it at once (its holder provably dead)
     resumed: bool = False
     resume_seconds: float | None = None
     final: list[str] = field(default_factory=list)  # what was wrong with the final state
@@ -640,6 +641,21 @@ class RoundResult:
 def _london(t: datetime) -> str:
     return t.astimezone(ZoneInfo("Europe/London")).strftime("%Y-%m-%d %H:%M:%S")
 
+
+
+#: the loggers a flow's own lines go to (its run logger, or dr.flows outside a run)
+SAID_BY = ("prefect.flow_runs", "dr.flows")
+
+
+class _Said(logging.Handler):
+    """What the product's flows logged (warnings and up) while a round ran in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 class Soak:
     """The soak's platform, Prefect server and rounds.
@@ -932,15 +948,16 @@ class Soak:
                 with httpx.Client(timeout=5) as client:
                     now = [users.look(client) for _ in range(3)]
                 res.error_page = any(what == "error page" for what, _ in now)
-                # the killed run's slot, the documented way, once nothing of the run is left
-                if not group_members(proc.pid) and self.prefect.active_slots(slot):
-                    self.prefect.free_slot(slot)
-                    res.slot_freed_by_hand = True
+                # the killed run's slot: left taken? (nothing frees it here: the resume must, at once)
+                res.slot_left_taken = not group_members(proc.pid) and bool(self.prefect.active_slots(slot))
                 # resume: the same command, the same incident
                 t0 = time.monotonic()
                 why = self.resume(args, incident, t, rdir / "resume.log", tmp)
                 res.resume_seconds = time.monotonic() - t0
                 res.resumed = why is None
+                resume_log = rdir / "resume.log"
+                res.slot_freed_by_resume = resume_log.exists() and "freed the recovery slot" in resume_log.read_text(
+                    errors="replace")
                 if why:
                     res.final.append(f"the resume failed: {why}")
             res.violations["users"] = users.problems(counts)
@@ -980,13 +997,20 @@ class Soak:
         if self.in_process:
             from flows.data_loss import data_loss
 
+            said = _Said()
+            for name in SAID_BY:
+                logging.getLogger(name).addHandler(said)
             try:
                 data_loss(SERVICE, self.env.target.environment, restore_time=_london(t), incident=incident,
                           auto_approve=True, config_path=str(self.config_path))
                 return None
             except Exception as exc:  # noqa: BLE001 - reported in the round's result
-                log.write_text(f"{type(exc).__name__}: {exc}\n")
+                said.lines.append(f"{type(exc).__name__}: {exc}")
                 return f"{type(exc).__name__}: {str(exc)[:400]}"
+            finally:
+                for name in SAID_BY:
+                    logging.getLogger(name).removeHandler(said)
+                log.write_text("".join(f"{line}\n" for line in said.lines))
         proc = self.dr(args, log, tmp)
         try:
             rc = proc.wait(1200)
@@ -1320,9 +1344,10 @@ def table(results: list[RoundResult]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    freed = sum(r.slot_freed_by_hand for r in rounds)
-    out.append(f"\nrecovery slots freed by hand (the documented `prefect gcl update ... --active-slots 0`): "
-               f"{freed}/{len(rounds)}")
+    taken = sum(r.slot_left_taken for r in rounds)
+    freed = sum(r.slot_left_taken and r.slot_freed_by_resume for r in rounds)
+    out.append(f"\nrecovery slots a killed run left taken: {taken}/{len(rounds)}; freed at once by the resume "
+               f"(its holder's process provably gone, said in its log): {freed}/{taken}; freed by hand: 0")
     return "\n".join(out)
 
 

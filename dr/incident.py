@@ -45,6 +45,10 @@ class IncidentRecord:
     left_to_tidy: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    #: extra markdown sections (e.g. table-level recovery's "what this changes"), after the summary
+    sections: list[str] = field(default_factory=list)
+    #: the command that re-applies discarded writes, when a reconciliation pack was stored
+    reconcile_command: str | None = None
 
     @property
     def rto_seconds(self) -> float | None:
@@ -84,6 +88,8 @@ class IncidentRecord:
         for k, v in self.facts.items():
             if k != "damage_at":
                 lines.append(f"| {k} | {v} |")
+        for section in self.sections:
+            lines += ["", section]
         lines += ["", "## What was created", ""]
         lines += [f"- backup `{b}`" for b in self.backups_created] or ["- no backups"]
         lines += [f"- server `{s}`" for s in self.servers_created]
@@ -106,6 +112,10 @@ class IncidentRecord:
                          f"--incident {self.incident} --no-dry-run`")
         if self.backups_created:
             safety = [b for b in self.backups_created if "pre-restore-safety" in b]
-            if safety:
+            if self.reconcile_command:
+                lines.append(f"- [ ] Reconcile the writes made after the restore point that the recovery discarded: "
+                             f"`{self.reconcile_command}` (the pack lists them; the flawed data is also in `{safety[0]}`)"
+                             if safety else f"- [ ] Reconcile: `{self.reconcile_command}`")
+            elif safety:
                 lines.append(f"- [ ] Reconcile data entered after the restore point from `{safety[0]}`")
         return "\n".join(lines) + "\n"

@@ -14,7 +14,13 @@ def say(text: str = "") -> None:
 
 
 def error(text: str) -> None:
+    """The one line a refused or failed command ends with (stderr)."""
     print(redact(f"error: {text}"), file=sys.stderr, flush=True)
+
+
+def note(text: str) -> None:
+    """A line about how the command runs, not its result (stderr, so that stdout stays the result)."""
+    print(redact(text), file=sys.stderr, flush=True)
 
 
 def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:

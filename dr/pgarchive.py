@@ -74,6 +74,9 @@ class ArchiveHead:
     compressed: bool
     entries: list[TocEntry]
     raw: bytes = field(repr=False)
+    #: the versions the header records: the server dumped ("15.18") and pg_dump's ("15.18"), archive 1.10+
+    server_version: str | None = None
+    dump_version: str | None = None
 
     def unsupported(self) -> str | None:
         """Why the rows of this archive cannot be loaded from the stream, or None."""
@@ -197,8 +200,9 @@ class ArchiveStream:
         for _ in range(7):  # creation time
             self._int()
         self._str()  # database name
+        server_version = dump_version = None
         if version[:2] >= (1, 10):
-            self._str(), self._str()  # server and pg_dump versions
+            server_version, dump_version = self._str(), self._str()
         count = self._int()
         if not 0 <= count < 10_000_000:
             raise ArchiveFormatError(f"implausible TOC size {count}")
@@ -208,7 +212,7 @@ class ArchiveStream:
         self._raw.append(self._buf[:self._pos])
         raw = b"".join(self._raw)
         self._raw = None
-        self.head = ArchiveHead(version, self._int_size, off_size, compressed, entries, raw)
+        self.head = ArchiveHead(version, self._int_size, off_size, compressed, entries, raw, server_version, dump_version)
         return self.head
 
     def _toc_entry(self, version: tuple[int, int, int], off_size: int) -> TocEntry:

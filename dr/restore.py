@@ -13,7 +13,12 @@
    backup made by pg_dump 18+ carries them and pg_restore sets them (milliseconds); ANALYZE
    runs on whatever still has none (every table, for older or plain backups).
 5. Swap: rename the live database to `<db>_replaced_<stamp>` and the new one to `<db>`
-   in one transaction. The replaced database is kept until tidy-up.
+   in one transaction. The replaced database is kept until tidy-up; its comment says whether
+   the safety backup taken before the restore holds it exactly (same database, no write since:
+   `dr.database.held_by`), which tidy-up checks again before it drops anything.
+
+A restore is skipped only when the live database already holds the backup, swapped in for the
+same incident or run (`resume_key`); the result then says so in words (`skipped`).
 
 Any failure before step 5 drops the new database and leaves the live one exactly as it was.
 """
@@ -50,12 +55,14 @@ from dr.database import (
     server_major_version,
     set_database_comment,
     swap_databases,
+    swap_refusal,
     verify_against_manifest,
 )
 from dr.errors import BackupCorrupted, BackupNotFound, CommandError, DrError, RestoreError
 from dr.loader import stream_restore
 from dr.pgarchive import ArchiveFormatError, ArchiveStream
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, ServerPlatform
+from dr.preflight import preflight_restore
 from dr.progress import Progress, ProgressHook
 
 log = logging.getLogger("dr.restore")
@@ -74,6 +81,10 @@ class RestoreResult:
     already_done: bool = False
     #: rows per table of the restored database, as counted by the manifest check (None: not counted)
     rows: dict[str, int] | None = None
+    #: why nothing was restored, in words (set exactly when `already_done`)
+    skipped: str | None = None
+    #: what holds the replaced database: "held by backup ..." or why no backup does
+    replaced_held_by: str | None = None
 
 
 def latest_complete_backup(store: BackupStore, *, kinds: tuple[str, ...] | None = None,
@@ -93,8 +104,9 @@ def latest_complete_backup(store: BackupStore, *, kinds: tuple[str, ...] | None 
                          + (f" named {prefix}*" if prefix else ""))
 
 
-def _restored_marker(info: BackupInfo) -> str:
-    return f"{COMMENT_PREFIX}{info.name} sha256={info.sha256 or 'unknown'}"
+def _restored_marker(info: BackupInfo, resume_key: str | None) -> str:
+    """The live database's comment after a swap: which backup, and for which incident or run."""
+    return f"{COMMENT_PREFIX}{info.name} sha256={info.sha256 or 'unknown'}" + (f" for {resume_key}" if resume_key else "")
 
 
 class _Decoder:
@@ -297,6 +309,8 @@ def restore_backup(
     swap: bool = True,
     spool_dir: Path | None = None,
     progress_hooks: list[ProgressHook] | None = None,
+    resume_key: str | None = None,
+    safety_backup: str | None = None,
 ) -> RestoreResult:
     """Restore `backup` as database `database` on `server` (new database + verified atomic swap).
 
@@ -305,6 +319,12 @@ def restore_backup(
             archive is spooled to a local file first; a `custom-zstd` one streams).
         swap: swap the restored database in as `database`; when False, it is left beside the
             live one under its `_restore_` name (for checks and reconciliation).
+        resume_key: the incident or run this restore belongs to (e.g. "incident INC-1"). When the
+            live database already holds `backup`, swapped in for this same key, nothing is done
+            (a resumed incident, a retried task). Without a key a restore is always done: a
+            person asking again for a backup gets it again, whatever the database holds now.
+        safety_backup: the backup taken of the live database just before this restore; the swap
+            records whether it holds the replaced database exactly (tidy-up reads that).
 
     Raises:
         BackupNotFound: no such complete backup.
@@ -319,12 +339,20 @@ def restore_backup(
     admin = servers.connection(server, "postgres")
     server_major = server_major_version(admin)
     tools.check_client_for(server_major, ("pg_restore", "psql"))
+    preflight_restore(servers, store, tools, info, server)  # extensions, versions: refused before anything changes
 
-    # a re-run after the swap already happened must not restore again over validated data
-    if database_exists(admin, database) and database_comment(admin, database) == _restored_marker(info) and info.sha256:
-        log.info("%s on %s already holds backup %s; nothing to do", database, server, backup)
-        return RestoreResult(backup, server, database, None, 0.0, True, already_done=True)
+    # the same incident (or run) resumed after its swap must not restore again over validated data;
+    # any other request restores, whatever the live database holds
+    if resume_key and info.sha256 and database_exists(admin, database) \
+            and database_comment(admin, database) == _restored_marker(info, resume_key):
+        why = f"{database} on {server} already holds backup {backup}, swapped in earlier by {resume_key}; nothing was changed"
+        log.info("skipped the restore: %s", why)
+        return RestoreResult(backup, server, database, None, 0.0, True, already_done=True, skipped=why)
 
+    refusal = swap_refusal(admin, database) if swap else None
+    if refusal:  # found now, not after an hour of restoring
+        raise RestoreError(f"cannot restore {backup} into {database} on {server}: {refusal}", database=database,
+                           server=server, world_state="nothing was changed")
     new_db = free_database_name(admin, restore_db_name(database, started))
     untouched = f"the live database {database} on {server} is untouched"
     create_database(admin, new_db, comment=f"dr: restoring {info.name}")
@@ -360,7 +388,7 @@ def restore_backup(
         analyzed = _analyze_where_needed(target)
         log.info("statistics: %s", "restored from the backup" if not analyzed else
                  "ANALYZE of the whole database" if analyzed == ["*"] else f"ANALYZE of {', '.join(analyzed)}")
-        set_database_comment(admin, new_db, _restored_marker(info))
+        set_database_comment(admin, new_db, _restored_marker(info, resume_key))
     except BaseException as exc:
         log.error("restore of %s failed; dropping %s (%s)", backup, new_db, untouched)
         world = untouched
@@ -376,7 +404,11 @@ def restore_backup(
     if not swap:
         secs = (datetime.now(timezone.utc) - started).total_seconds()
         return RestoreResult(backup, server, new_db, None, secs, verified, rows=rows)
-    replaced = swap_databases(admin, database, new_db, replaced_name(database, started))
+    safety = store.get_backup(safety_backup) if safety_backup else None
+    replaced, held = swap_databases(admin, database, new_db, replaced_name(database, started), safety_backup=safety,
+                                    server=server)
     secs = (datetime.now(timezone.utc) - started).total_seconds()
-    log.info("restored %s into %s on %s in %.1f s (previous database kept as %s)", backup, database, server, secs, replaced)
-    return RestoreResult(backup, server, database, replaced, secs, verified, rows=rows)
+    log.info("restored %s into %s on %s in %.1f s (previous database kept as %s: %s)", backup, database, server, secs,
+             replaced, held)
+    return RestoreResult(backup, server, database, replaced, secs, verified, rows=rows,
+                         replaced_held_by=held if replaced else None)

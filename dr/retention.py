@@ -13,7 +13,7 @@ What retention never deletes, whatever the policy says:
 - the newest complete nightly, hence also the only one;
 - any nightly younger than `PTR_WINDOW` (Azure's point-in-time-restore window): if the
   server itself is lost, its PTR history goes with it and the nightly is the way back;
-- a backup held by a running restore (`hold`).
+- a backup held by a running restore (`BackupStore.hold`; see `dr.platforms.holds`).
 
 The GFS buckets count only periods that have a complete backup, like restic's
 ``--keep-daily``: "the last 7 days" means the 7 most recent days on which a nightly
@@ -24,30 +24,20 @@ ones. Days, ISO weeks and months are UTC, like the dates in the nightly names.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
-import os
 import re
-import socket
-import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from dr.config import ENVIRONMENTS, Retention
-from dr.errors import BackupError, DrError, InvalidInput
+from dr.errors import DrError, InvalidInput
 from dr.platforms.base import BackupInfo, BackupStore
-from dr.platforms.local.store import LocalBackupStore, check_backup_name
 
 log = logging.getLogger("dr.retention")
 
 #: A nightly younger than this is never deleted (Azure Database for PostgreSQL's default PTR retention).
 PTR_WINDOW = timedelta(days=7)
-
-#: A hold older than this is taken to be left behind by a crashed restore and is ignored.
-HOLD_STALE_AFTER = timedelta(hours=24)
 
 #: The existing tooling's nightly naming, ``<service>_<env short>_<YYYY-MM-DD>.sql.gz``
 #: (this tool's own nightlies may also be ``.pgdump`` or ``.pgdump.zst``).
@@ -55,7 +45,6 @@ NIGHTLY_NAME = re.compile(
     r"^(?P<service>[a-z][a-z0-9]{1,19})_(?P<env>[a-z]{2})_(?P<day>\d{4}-\d{2}-\d{2})(?P<ext>\.sql\.gz|\.pgdump|\.pgdump\.zst)$"
 )
 _ENV_SHORTS = frozenset(ENVIRONMENTS.values())
-HOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 # --- which backups are nightlies -------------------------------------------------------
@@ -189,211 +178,6 @@ def select_keep(backups: list[BackupInfo], policy: Retention, now: datetime) -> 
     return [b for b, _ in keep], delete
 
 
-# --- holds: a running restore's claim on a backup ----------------------------------------
-
-
-def _check_holder(holder: str) -> str:
-    if not HOLDER_NAME.match(holder):
-        raise InvalidInput(f"invalid hold holder {holder!r}: use 1-64 letters, digits, '_' and '-' "
-                           "(an incident id or a flow run id)")
-    return holder
-
-
-@functools.singledispatch
-def hold(store: BackupStore, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
-    """Hold a backup for the duration of a `with` block, so retention will not delete it.
-
-    Args:
-        store: the store the backup is in.
-        name: the backup's name.
-        holder: who holds it (an incident id or flow run id); one hold per holder and backup.
-
-    Returns:
-        A context manager; the hold is released when the block ends, however it ends.
-
-    Raises:
-        BackupError: this store type has no holds yet, or the holder already holds it.
-        BackupNotFound: there is no such backup.
-    """
-    raise BackupError(f"holds are not implemented for {type(store).__name__}; retention will not run on it",
-                      backup=name)
-
-
-@functools.singledispatch
-def held(store: BackupStore, name: str) -> bool:
-    """Whether a live (not stale) hold is on the backup.
-
-    Raises:
-        BackupError: this store type has no holds yet (so retention refuses to delete from it).
-    """
-    raise BackupError(f"holds are not implemented for {type(store).__name__}; retention will not run on it",
-                      backup=name)
-
-
-def _hold_files(store: LocalBackupStore, name: str) -> list[Path]:
-    return sorted(store.root.glob(f".{check_backup_name(name)}.hold-*"))
-
-
-@hold.register(LocalBackupStore)
-@contextlib.contextmanager
-def _hold_local(store: LocalBackupStore, name: str, holder: str) -> Iterator[None]:
-    path = store.root / f".{check_backup_name(name)}.hold-{_check_holder(holder)}"
-    if path.exists() and time.time() - path.stat().st_mtime > HOLD_STALE_AFTER.total_seconds():
-        log.warning("replacing the stale hold of %s on backup %s", holder, name)
-        path.unlink(missing_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError as exc:
-        raise BackupError(f"backup '{name}' is already held by '{holder}'; use a holder name of its own "
-                          f"(or remove {path} if no restore is running)", backup=name) from exc
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
-                       "since": datetime.now(timezone.utc).isoformat()}, fh)
-        store.get_backup(name)  # checked once the hold exists: from here on retention leaves it alone
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    log.info("hold on backup %s taken by %s", name, holder)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        log.info("hold on backup %s released by %s", name, holder)
-
-
-@held.register(LocalBackupStore)
-def _held_local(store: LocalBackupStore, name: str) -> bool:
-    now = time.time()
-    live = False
-    for path in _hold_files(store, name):
-        try:
-            age = now - path.stat().st_mtime
-        except FileNotFoundError:
-            continue  # released while we looked
-        if age > HOLD_STALE_AFTER.total_seconds():
-            log.warning("ignoring the stale hold %s on backup %s (%.0f h old; remove it once no restore runs)",
-                        path.name, name, age / 3600)
-        else:
-            live = True
-    return live
-
-
-def dead_holds(store: BackupStore) -> list[str]:
-    """The holds of the local store whose restore provably ended: taken on this host by a process that
-    no longer runs (or whose pid now belongs to a process started after the hold). A restore killed
-    with -9 leaves its hold behind; tidy-up removes these at once instead of waiting for
-    `HOLD_STALE_AFTER`. Holds taken elsewhere cannot be proved dead and are never listed."""
-    if not isinstance(store, LocalBackupStore):
-        return []
-    out = []
-    for path in sorted(store.root.glob(".*.hold-*")):
-        try:
-            rec = json.loads(path.read_text())
-            since = datetime.fromisoformat(rec["since"])
-            pid = int(rec["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # being written, or not ours to judge
-        if rec.get("host") == socket.gethostname() and not running_since(pid, since):
-            out.append(path.name)
-    return out
-
-
-def release_dead_hold(store: BackupStore, marker: str) -> None:
-    """Remove a hold that `dead_holds` listed (idempotent)."""
-    if isinstance(store, LocalBackupStore) and marker in dead_holds(store):
-        (store.root / marker).unlink(missing_ok=True)
-
-
-def running_since(pid: int, since: datetime) -> bool:
-    """Whether process `pid` runs and started no later than `since` (so it may be the one that took the hold)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return False
-    started = boot + int(stat[stat.rindex(")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
-    return started <= since.timestamp() + 1
-
-
-def supports_holds(store: BackupStore) -> bool:
-    """Whether holds (and so retention) are implemented for this kind of store."""
-    return hold.dispatch(type(store)) is not hold.dispatch(BackupStore)
-
-
-def register_azure_holds() -> None:
-    """Holds on Blob Storage: a small marker blob `.<backup>.hold-<holder>` per holder.
-
-    Written with If-None-Match (never over another's hold), read back by `held` with its
-    age, removed when the block ends; a crashed restore's marker goes stale after
-    `HOLD_STALE_AFTER`. Markers need no lease bookkeeping and allow several readers.
-
-    Called by `dr.platforms.azure.store` once it is imported (an Azure store exists only
-    then), so that a restore on the local platform does not import the Azure SDK (~1 s).
-    """
-    from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
-
-    from dr.platforms.azure.store import AzureBackupStore
-
-    def marker(name: str, holder: str = "") -> str:
-        return f".{check_backup_name(name)}.hold-{holder}"
-
-    @hold.register(AzureBackupStore)
-    @contextlib.contextmanager
-    def _hold_azure(store: AzureBackupStore, name: str, holder: str) -> Iterator[None]:
-        blob = store.container.get_blob_client(marker(name, _check_holder(holder)))
-        body = json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": datetime.now(timezone.utc).isoformat()})
-        try:
-            try:
-                blob.upload_blob(body, overwrite=False)
-            except ResourceExistsError as exc:
-                age = datetime.now(timezone.utc) - blob.get_blob_properties().last_modified
-                if age <= HOLD_STALE_AFTER:
-                    raise BackupError(f"backup '{name}' is already held by '{holder}'; use a holder name of its own "
-                                      f"(or delete blob {blob.blob_name} if no restore is running)",
-                                      backup=name) from exc
-                log.warning("replacing the stale hold of %s on backup %s", holder, name)
-                blob.upload_blob(body, overwrite=True)
-        except AzureError as exc:
-            raise store._error(exc, name, "hold") from exc
-        try:
-            store.get_backup(name)  # checked once the hold exists: from here on retention leaves it alone
-        except BaseException:
-            blob.delete_blob()
-            raise
-        log.info("hold on backup %s taken by %s", name, holder)
-        try:
-            yield
-        finally:
-            try:
-                blob.delete_blob()
-                log.info("hold on backup %s released by %s", name, holder)
-            except ResourceNotFoundError:
-                pass
-            except AzureError as exc:
-                log.warning("could not release the hold %s (it goes stale in %s): %s", blob.blob_name,
-                            HOLD_STALE_AFTER, exc)
-
-    @held.register(AzureBackupStore)
-    def _held_azure(store: AzureBackupStore, name: str) -> bool:
-        now = datetime.now(timezone.utc)
-        live = False
-        try:
-            markers = list(store.reads.list_blobs(name_starts_with=marker(name)))
-        except AzureError as exc:
-            raise store._error(exc, name, "read the holds of") from exc
-        for b in markers:
-            if now - b.last_modified > HOLD_STALE_AFTER:
-                log.warning("ignoring the stale hold %s on backup %s (since %s; delete it once no restore runs)",
-                            b.name, name, b.last_modified)
-            else:
-                live = True
-        return live
-
-
-
-
 # --- applying the policy to a store -------------------------------------------------------
 
 
@@ -444,7 +228,7 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
             report.skipped.append((info, f"kind '{info.kind}' is not a nightly: retention never deletes it"))
 
     for info, why in delete:
-        if held(store, info.name):
+        if store.held(info.name):
             report.skipped.append((info, "held by a running restore"))
             log.info("retention: keeping %s: held by a running restore", info.name)
             continue
@@ -461,8 +245,23 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
     return report
 
 
-__all__ = [
-    "HOLD_STALE_AFTER", "PTR_WINDOW", "RetentionReport", "apply_retention", "dead_holds", "held", "hold", "is_nightly",
-    "release_dead_hold", "running_since",
-    "register_azure_holds", "select_keep", "supports_holds",
-]
+# --- holds are the store's (`BackupStore.hold`, `held`, `dead_holds`); the names callers already use ---------
+
+
+def hold(store: BackupStore, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
+    """`store.hold(name, holder)`: hold a backup for a `with` block so retention leaves it alone."""
+    return store.hold(name, holder)
+
+
+def dead_holds(store: BackupStore) -> list[str]:
+    """`store.dead_holds()`: the holds whose restore provably ended (tidy-up removes them at once)."""
+    return store.dead_holds()
+
+
+def release_dead_hold(store: BackupStore, marker: str) -> None:
+    """`store.release_dead_hold(marker)`: remove a hold that `dead_holds` listed (idempotent)."""
+    store.release_dead_hold(marker)
+
+
+__all__ = ["PTR_WINDOW", "RetentionReport", "apply_retention", "dead_holds", "hold", "is_nightly", "release_dead_hold",
+           "select_keep"]

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from dr.commands import PgTools, install_redaction
 from dr.config import DrConfig, Target, load_config
+from dr.pginstall import client_tools
 from dr.platforms import get_platform
 from dr.platforms.base import Platform
 
@@ -50,7 +51,7 @@ def runtime(service: str, environment: str, config_path: str | None = None) -> R
     install_redaction()
     config = _load(config_path)
     target = config.target(service, environment)
-    return Runtime(config, target, get_platform(config, target), PgTools.default(config.local.pg_bin_dir))
+    return Runtime(config, target, get_platform(config, target), client_tools(config, target))
 
 
 def clear_cache() -> None:

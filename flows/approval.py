@@ -115,7 +115,9 @@ def approve(ref: Ref, timeline: Timeline, *, gate: str, what: str, auto_approve:
     link = flow_run_link()
     notify(ref, f"approval needed: {gate}", what + ("\nType the environment name to approve." if production else ""), link)
     for attempt in range(1, MAX_ASKS + 1):
-        log.warning("APPROVAL NEEDED (%s): %s — approve in the Prefect UI or with: dr approve <flow-run-id>", gate, what)
+        log.warning("APPROVAL NEEDED (%s): %s — answer in the Prefect UI or with `dr approve%s` / `dr reject --reason …` "
+                    "(`dr pending` lists what waits)", gate, what,
+                    f" --confirm-environment {ref.environment}" if production else "")
         try:
             form = Approval.with_initial_data(
                 description=f"**{gate}**\n\n{what}" + (f"\n\nType `{ref.environment}` to approve." if production else ""))

@@ -39,7 +39,7 @@ def _ensure_limit(name: str) -> None:
 
 
 #: the flows that hold an environment's recovery slot (see `recovery_lock`)
-RECOVERY_FLOWS = ("data-loss", "server-loss", "restore-database")
+RECOVERY_FLOWS = ("data-loss", "server-loss", "restore-database", "reconcile")
 #: how often a waiting recovery says who holds the slot
 SLOT_REPORT_SECONDS = 30.0
 #: the slot's lease: a run that dies without releasing it holds it this long (on a server whose services run)
@@ -124,6 +124,81 @@ def slot_holders(ref: Ref, *, exclude: Any = None) -> tuple[int | None, list[str
     return active, lines
 
 
+#: how often a waiting recovery looks for a provably dead holder of the slot
+DEAD_HOLDER_CHECK_SECONDS = 2.0
+#: final runs older than this cannot hold a live lease (it would have expired): not looked at
+DEAD_HOLDER_LOOKBACK_SECONDS = 10 * SLOT_LEASE_SECONDS
+_FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def _record_holder(client: Any, me: Any, name: str, lease_id: Any) -> None:
+    """Label this run with the lease it holds and the process holding it (see dr/holders.py)."""
+    from dr.holders import LABEL_LEASE, LABEL_SLOT, this_process
+
+    if me is None:
+        return
+    try:
+        client.update_flow_run_labels(me, {LABEL_SLOT: name, LABEL_LEASE: str(lease_id), **this_process()})
+    except Exception as exc:  # without the labels a dead holder is only freed when its lease expires
+        logging.getLogger("dr.flows").warning("could not record this run as the holder of %s (%s)", name,
+                                              type(exc).__name__)
+
+
+def free_dead_holders(client: Any, ref: Ref, *, exclude: Any = None) -> list[str]:
+    """Free the recovery slot of `ref` from holders that are provably dead; what was freed, for the log.
+
+    A holder is a recovery run of the environment labelled with its slot lease. It is dead when
+    its flow run is in a final state, or when it ran on this host and its process is gone (then
+    the run is also marked Crashed, as Prefect's zombie automation would). Its lease is released
+    by id, so only that holder's slot is given back; a lease already expired is not counted twice.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, \
+        FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from dr.holders import LABEL_LEASE, LABEL_SLOT, process_gone
+
+    name = recovery_slot_name(ref)
+    runs = client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=list(RECOVERY_FLOWS))),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[
+            StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING, StateType.COMPLETED, StateType.FAILED,
+            StateType.CRASHED, StateType.CANCELLED]))),
+        limit=200)
+    horizon = datetime.now(timezone.utc) - timedelta(seconds=DEAD_HOLDER_LOOKBACK_SECONDS)
+    freed = []
+    for run in runs:
+        labels = dict(run.labels or {})
+        lease = labels.get(LABEL_LEASE)
+        if run.id == exclude or labels.get(LABEL_SLOT) != name or not lease or run.state is None:
+            continue
+        state = run.state.type.value
+        if state in _FINAL:
+            if run.end_time and run.end_time < horizon:
+                continue
+            why = f"its run ended {run.state.name}"
+        else:
+            why = process_gone(labels)
+            if why is None:
+                continue
+        # the server answers 204 whether or not the lease still existed: the slot count tells
+        before = client.read_global_concurrency_limit_by_name(name).active_slots
+        try:
+            client.release_concurrency_slots_with_lease(lease)
+        finally:
+            if state not in _FINAL:
+                client.set_flow_run_state(run.id, Crashed(message=f"{why}; its recovery slot {name} was freed by "
+                                                                  f"the next recovery of {ref.service} {ref.environment}"),
+                                          force=True)
+        if client.read_global_concurrency_limit_by_name(name).active_slots >= before:
+            continue  # that lease was already gone (released, or expired and repossessed)
+        freed.append(f"run '{run.name}' ({run.id}): {why}")
+    return freed
+
+
 class _SlotLease:
     """This run's lease on the recovery slot: taken, kept alive by a thread, given back at the end.
 
@@ -186,6 +261,7 @@ class _SlotLease:
                 try:
                     if self.lost:
                         if self.try_take(client):
+                            _record_holder(client, self.me, self.name, self.lease_id)
                             log.warning("took the recovery slot %s again with a new lease", self.name)
                         continue
                     client.renew_concurrency_lease(self.lease_id, SLOT_LEASE_SECONDS)
@@ -240,11 +316,14 @@ def recovery_lock(ref: Ref, *, wait_seconds: float | None = None) -> Iterator[No
     """Hold the one slot of `dr-<service>-<env>`: one recovery per environment at a time.
 
     A second recovery of the same environment waits, saying every 30 s which runs may hold
-    the slot; other environments run in parallel. The slot is leased (120 s, renewed
-    while the run lives), so a crashed run frees it once its lease expires on a Prefect server
-    whose services run; on a server without them (the temporary server, `--no-services`) it
-    stays taken, and the wait ends with `EnvironmentBusy`, which says how to free it. A
-    Prefect server restart during the run (an approval can wait hours) never stops the run.
+    the slot; other environments run in parallel. The holder labels its run with its lease and
+    process (dr/holders.py), so a waiting recovery frees the slot at once, and logs it, when the
+    holder is provably dead: its run is final, or its process on this host is gone (a killed
+    `dr` command). Otherwise the slot is leased (120 s, renewed while the run lives), so a
+    crashed run elsewhere frees it once its lease expires on a Prefect server whose services
+    run; on a server without them (the temporary server, `--no-services`) it stays taken, and
+    the wait ends with `EnvironmentBusy`, which says how to free it. A Prefect server restart
+    during the run (an approval can wait hours) never stops the run.
 
     Args:
         ref: the service environment.
@@ -277,9 +356,21 @@ def recovery_lock(ref: Ref, *, wait_seconds: float | None = None) -> Iterator[No
     log.info("waiting for the recovery slot %s (up to %.0f s)", name, wait_seconds)
     started = time.monotonic()
     deadline, next_report = started + wait_seconds, started + SLOT_REPORT_SECONDS
+    next_dead_check = started
     with get_client(sync_client=True) as client:
         while not lease.try_take(client):
             now = time.monotonic()
+            if now >= next_dead_check:
+                next_dead_check = now + DEAD_HOLDER_CHECK_SECONDS
+                try:
+                    freed = free_dead_holders(client, ref, exclude=me)
+                except Exception as exc:  # the check is a shortcut: the lease still expires without it
+                    freed = []
+                    log.warning("could not check whether the holder of %s is dead (%s: %s)", name,
+                                type(exc).__name__, exc)
+                if freed:
+                    log.warning("freed the recovery slot %s at once: it was held by %s", name, "; ".join(freed))
+                    continue
             if now >= deadline or now >= next_report:
                 active, holders = slot_holders(ref, exclude=me)
                 who = "; ".join(holders) if holders else (
@@ -300,7 +391,8 @@ def recovery_lock(ref: Ref, *, wait_seconds: float | None = None) -> Iterator[No
                             name, now - started, active, who)
                 next_report = now + SLOT_REPORT_SECONDS
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
-    log.info("holding the recovery slot %s", name)
+        _record_holder(client, me, name, lease.lease_id)
+    log.info("holding the recovery slot %s (waited %.1f s)", name, time.monotonic() - started)
     lease.start_renewing()
     try:
         yield
@@ -336,7 +428,7 @@ class Timeline:
     def step(self, name: str) -> Iterator[Event]:
         ev = Event(name, datetime.now(timezone.utc))
         self.events.append(ev)
-        run_logger().info("step: %s", name)
+        run_logger().info("step: %s", name, extra={"dr_show": True})  # also on the CLI's terminal
         try:
             yield ev
         except BaseException as exc:

@@ -4,6 +4,13 @@ Stop the app → maintenance on → safety backup of the flawed database → poi
 restore to a NEW server → back that server up → (approval) restore into the live
 server → validate → (approval) maintenance off → delete the PTR server → report.
 
+With `tables`, the runbook's "update data into the source database from the new PTR
+server": after the PTR server, only the chosen tables and their foreign-key closure are
+compared and (approval) replaced with the PTR server's rows, in one transaction on the live
+database; every other table keeps its writes after T, and the writes the replacement
+discards are stored as a reconciliation pack beside the safety backup (dr/tables/). The PTR
+server is backed up at the end, before it is deleted.
+
 Re-running with the same incident id continues where it stopped: every step first
 looks at the world (the safety backup, the PTR server, its backup, the live database's
 restore marker) and does nothing twice.
@@ -24,12 +31,14 @@ from flows.approval import approve, ask_restore_time, check_auto_approve, check_
 from flows.common import Timeline, recovery_lock, run_logger, validate_step
 from flows.plan import plan_data_loss, publish_plan
 from flows.ptr import ptr_server_name
+from dr.tables.compare import raise_blockers
 from tasks.backups import backup_database_task, find_incident_backup
 from tasks.database import restore_backup_task, table_counts
 from tasks.maintenance import disable_maintenance, enable_maintenance, scale_down_app, scale_up_app, wait_until_healthy
 from tasks.notifications import flow_run_link, notify
 from tasks.reports import publish_report
 from tasks.servers import delete_server_task, get_restore_window_task, list_servers_task, point_in_time_restore_task
+from tasks.tables import apply_tables_task, compare_tables_task, find_committed_apply, plan_table_recovery, publish_markdown
 
 
 def _existing_ptr_server(ref: Ref, incident: str):
@@ -62,6 +71,7 @@ def data_loss(
     approval_timeout_minutes: int | None = None,
     wait_for_go_ahead: bool = False,
     config_path: str | None = None,
+    tables: list[str] | None = None,
 ) -> dict:
     """Recover from lost or corrupted data with a point-in-time restore, the runbook's scenario 2.
 
@@ -83,6 +93,10 @@ def data_loss(
         approval_timeout_minutes: how long each gate waits for a person (default from config).
         wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
         config_path: the configuration file.
+        tables: recover only these tables (and the tables their foreign keys tie to them) from the PTR
+            server, keeping every other table's writes after T; e.g. `["applications"]`. A name starting
+            with `-` leaves a table of the closure out (refused if that would break a key). Empty: the
+            whole database, as the runbook does.
     """
     check_approval_timeout(approval_timeout_minutes)
     ref = Ref(service, environment, config_path)
@@ -101,6 +115,8 @@ def data_loss(
     if auto_approve and given_time is None and _existing_ptr_server(ref, incident) is None:
         raise InvalidInput("an automatic run needs restore_time (there is nobody to ask)")
     plan = plan_data_loss(ref, restore_time, zone)
+    if tables:
+        plan = plan_table_recovery(ref, plan, tables)
     publish_plan(plan)
     if plan_only:
         return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
@@ -108,7 +124,8 @@ def data_loss(
         raise InvalidInput("cannot start: " + "; ".join(plan.blockers), world_state="nothing was changed")
 
     timeout = approval_timeout_minutes or t.approval_timeout_minutes
-    resume = f"dr data-loss --service {service} --env {environment} --incident {incident}"
+    resume = (f"dr data-loss --service {service} --env {environment} --incident {incident}"
+              + (f" --tables {','.join(tables)}" if tables else ""))
     record = IncidentRecord(incident, "data loss", service, environment, zone, datetime.now(timezone.utc))
     timeline = Timeline(f"Incident {incident}: data loss, {service} {environment}", f"timeline-{incident}", zone)
     state = "nothing changed yet"
@@ -145,11 +162,14 @@ def data_loss(
             with timeline.step("restore time") as ev:
                 existing = _existing_ptr_server(ref, incident)
                 window = get_restore_window_task(ref)
+                done = find_committed_apply(ref, incident) if tables else None
 
                 def in_window(when: datetime) -> None:
                     check_in_window(when, window.earliest, window.latest, zone)
 
-                if existing:
+                if done and not existing and done.restore_time_utc:
+                    when = datetime.fromisoformat(done.restore_time_utc)
+                elif existing:
                     when = datetime.fromisoformat(existing.tags[TAG_RESTORE_TIME])
                     if given_time and given_time != when:
                         raise InvalidInput(f"incident {incident} already restored to {fmt_both(when, zone)}; "
@@ -164,39 +184,91 @@ def data_loss(
                 ev.detail = fmt_both(when, zone)
 
             with timeline.step("point-in-time restore to a new server") as ev:
-                ptr = point_in_time_restore_task(
-                    ref, source=t.server, new_name=ptr_server_name(t.server, when), point_in_time_utc=when,
-                    tags={TAG_INCIDENT: incident, "dr-service": service, "dr-environment": environment})
-                record.servers_created.append(ptr.name)
-                ev.detail = f"{ptr.name} at {ptr.host}:{ptr.port}"
-                state += f"; PTR server {ptr.name} holds the data as at {when:%H:%M:%S} UTC"
+                if done and not existing:  # the table recovery committed and its PTR server was deleted after it
+                    ptr = None
+                    ev.outcome, ev.detail = "skipped", f"not needed: the tables were replaced in transaction {done.txid}"
+                else:
+                    ptr = point_in_time_restore_task(
+                        ref, source=t.server, new_name=ptr_server_name(t.server, when), point_in_time_utc=when,
+                        tags={TAG_INCIDENT: incident, "dr-service": service, "dr-environment": environment})
+                    record.servers_created.append(ptr.name)
+                    ev.detail = f"{ptr.name} at {ptr.host}:{ptr.port}"
+                    state += f"; PTR server {ptr.name} holds the data as at {when:%H:%M:%S} UTC"
 
-            with timeline.step("back up the PTR server to the store") as ev:
-                ptr_backup, made = _maybe_backup(ref, "ptr", incident, server=ptr.name, database=t.database)
-                record.backups_created.append(ptr_backup.name)
-                ev.detail = f"{ptr_backup.name} ({'taken' if made else 'reused'})"
-                state += f"; its backup {ptr_backup.name} is in the store"
+            res = ptr_backup = changes = kept = None
+            if tables:
+                timeline.record("back up the PTR server to the store", "skipped",
+                                "table-level recovery reads the PTR server directly; it is backed up before deletion")
+                with timeline.step("compare the tables with the PTR server") as ev:
+                    if done:
+                        report, pack = None, done.pack
+                        ev.outcome, ev.detail = "skipped", f"already replaced in transaction {done.txid}"
+                        record.facts.update({"tables recovered": ", ".join(done.tables), "reconciliation pack": pack,
+                                             "applied in transaction": done.txid})
+                        record.reconcile_command = (f"dr reconcile --service {service} --env {environment} "
+                                                    f"--incident {incident}")
+                    else:
+                        report, pack = compare_tables_task(ref, ptr_server=ptr.name, tables=tables, incident=incident,
+                                                           restore_time=fmt_both(when, zone), safety_backup=safety.name)
+                        publish_markdown(f"tables-{incident}", report.markdown(), f"what this changes, {incident}")
+                        ev.detail = (f"{len(report.tables)} tables in the closure, {report.seconds:.1f} s; "
+                                     + ("; ".join(report.blockers) if report.blockers else f"pack {pack}"))
+                        if report.blockers:
+                            raise_blockers(report, world_state=state)
+                        record.backups_created.append(pack)
+                        state += f"; reconciliation pack {pack} in the store"
+                if report is not None:
+                    decision = approve(
+                        ref, timeline, gate="replace the rows of the chosen tables", auto_approve=auto_approve,
+                        timeout_minutes=timeout, resume=resume,
+                        what=(f"in {t.server}/{t.database}, replace the rows of {', '.join(r.table for r in report.tables)} "
+                              f"with the PTR server's rows as at {fmt_both(when, zone)}, in one transaction; the writes "
+                              f"after T it discards are in the reconciliation pack {pack}\n{report.gate_text()}"))
+                    record.decisions.append(decision.line())
+                    with timeline.step("replace the rows of the closure tables") as ev:
+                        applied = apply_tables_task(ref, ptr_server=ptr.name, tables=tables, incident=incident,
+                                                    approved=report.digests(), pack=pack,
+                                                    restore_time_utc=when.isoformat())
+                        ev.detail = (f"transaction {applied.txid} committed in {applied.seconds:.1f} s: "
+                                     f"{applied.summary()}; {applied.verified}"
+                                     + (f"; sequences moved forward: {', '.join(applied.sequences_moved)}"
+                                        if applied.sequences_moved else ""))
+                    _record_tables(record, report, pack, applied.txid, service, environment, incident)
+                    changes = {x.table: dict(x.counts) for x in report.tables}
+                    kept = {k.table: {"live_rows": k.live_rows, "rows_at_t": k.t_rows} for k in report.kept}
+                state = (f"the live tables {', '.join(tables)} (and their closure) hold the rows as at {when:%H:%M:%S} "
+                         "UTC; maintenance page on" + (f"; PTR server {ptr.name} still exists" if ptr else ""))
+            else:
+                with timeline.step("back up the PTR server to the store") as ev:
+                    ptr_backup, made = _maybe_backup(ref, "ptr", incident, server=ptr.name, database=t.database)
+                    record.backups_created.append(ptr_backup.name)
+                    ev.detail = f"{ptr_backup.name} ({'taken' if made else 'reused'})"
+                    state += f"; its backup {ptr_backup.name} is in the store"
 
-            live_counts = table_counts(ref)
-            ptr_counts = (ptr_backup.manifest or {}).get("rows", {})
-            diff = ", ".join(f"{k.split('.')[-1]}: live {live_counts.get(k, 0)} → {v}" for k, v in sorted(ptr_counts.items())
-                             if live_counts.get(k) != v) or "no row-count differences"
-            decision = approve(
-                ref, timeline, gate="restore into the live database", auto_approve=auto_approve, timeout_minutes=timeout,
-                resume=resume,
-                what=(f"replace {t.server}/{t.database} with backup {ptr_backup.name} (data as at {fmt_both(when, zone)}); "
-                      f"the current database is kept as {t.database}_replaced_…; {diff}"))
-            record.decisions.append(decision.line())
+                live_counts = table_counts(ref)
+                ptr_counts = (ptr_backup.manifest or {}).get("rows", {})
+                diff = ", ".join(f"{k.split('.')[-1]}: live {live_counts.get(k, 0)} → {v}" for k, v in sorted(ptr_counts.items())
+                                 if live_counts.get(k) != v) or "no row-count differences"
+                decision = approve(
+                    ref, timeline, gate="restore into the live database", auto_approve=auto_approve, timeout_minutes=timeout,
+                    resume=resume,
+                    what=(f"replace {t.server}/{t.database} with backup {ptr_backup.name} (data as at {fmt_both(when, zone)}); "
+                          f"the current database is kept as {t.database}_replaced_…; {diff}"))
+                record.decisions.append(decision.line())
 
-            with timeline.step("restore into the live server") as ev:
-                res = restore_backup_task(ref, backup=ptr_backup.name, jobs=2)
-                ev.detail = ("already done" if res.already_done else
-                             f"swapped in; flawed database kept as {res.replaced_database}")
-                if res.replaced_database:
-                    record.left_to_tidy.append(f"database {res.replaced_database} on {t.server} (after reconciliation)")
-                state = (f"the live database holds the restored data (as at {when:%H:%M:%S} UTC); maintenance page on; "
-                         f"PTR server {ptr.name} still exists")
-
+                with timeline.step("restore into the live server") as ev:
+                    res = restore_backup_task(ref, backup=ptr_backup.name, jobs=2, incident=incident,
+                                              safety_backup=safety.name)
+                    if res.skipped:
+                        ev.outcome, ev.detail = "skipped", res.skipped
+                        record.facts["restore skipped"] = res.skipped
+                    else:
+                        ev.detail = f"swapped in; flawed database kept as {res.replaced_database} ({res.replaced_held_by})"
+                    if res.replaced_database:
+                        record.left_to_tidy.append(f"database {res.replaced_database} on {t.server} (after "
+                                                   f"reconciliation; {res.replaced_held_by})")
+                    state = (f"the live database holds the restored data (as at {when:%H:%M:%S} UTC); maintenance page on; "
+                             f"PTR server {ptr.name} still exists")
             with timeline.step("restart the app behind the maintenance page") as ev:
                 replicas = scale_up_app(ref)  # users still see the maintenance page; the temporary URL reaches the app
                 ev.detail = f"replicas {replicas}; check it at {status.temp_url}"
@@ -214,7 +286,12 @@ def data_loss(
                 state = "service restored and serving users; PTR server still exists"
 
             with timeline.step("tidy up: delete the PTR server") as ev:
-                if keep_ptr_server:
+                if tables and ptr and not keep_ptr_server:  # its rows at T are held in the store before it goes
+                    ptr_backup, made = _maybe_backup(ref, "ptr", incident, server=ptr.name, database=t.database)
+                    record.backups_created.append(ptr_backup.name)
+                if ptr is None:
+                    ev.outcome, ev.detail = "skipped", "already deleted"
+                elif keep_ptr_server:
                     ev.outcome, ev.detail = "skipped", "kept on request"
                     record.left_to_tidy.append(f"PTR server {ptr.name}")
                 else:
@@ -224,7 +301,7 @@ def data_loss(
                         record.decisions.append(d.line())
                     delete_server_task(ref, ptr.name)
                     record.servers_deleted.append(ptr.name)
-                    ev.detail = f"deleted {ptr.name}"
+                    ev.detail = f"deleted {ptr.name}" + (f" (its data held in {ptr_backup.name})" if tables else "")
         except (DrError, Exception) as exc:
             if isinstance(exc, DrError):
                 exc.annotate(world_state=state, resume_hint=resume)
@@ -239,8 +316,28 @@ def data_loss(
     notify(ref, f"incident {incident} recovered",
            f"RTO {record.rto_seconds:.0f} s; restored to {fmt_both(when, zone)}; report {report_path}", flow_run_link())
     return {
-        "incident": incident, "restore_target_utc": when.isoformat(), "ptr_server": ptr.name,
-        "safety_backup": safety.name, "ptr_backup": ptr_backup.name, "replaced_database": res.replaced_database,
+        "incident": incident, "restore_target_utc": when.isoformat(), "ptr_server": ptr.name if ptr else None,
+        "safety_backup": safety.name, "ptr_backup": ptr_backup.name if ptr_backup else None,
+        "replaced_database": res.replaced_database if res else None,
         "rto_seconds": record.rto_seconds, "rpo_seconds": record.rpo_seconds, "report": report_path,
         "timeline": timeline.as_dict(), "decisions": record.decisions,
+        **({"tables": record.facts.get("tables recovered"), "reconciliation_pack": record.facts.get("reconciliation pack"),
+            "changes": changes, "kept": kept, "apply_txid": record.facts.get("applied in transaction")}
+           if tables else {}),
     }
+
+
+def _record_tables(record: IncidentRecord, report, pack: str | None, txid: int, service: str, environment: str,
+                   incident: str) -> None:
+    """What a table-level recovery changed, for the post-incident report."""
+    record.facts["tables recovered"] = ", ".join(t.table for t in report.tables if t.role != "needed")
+    record.facts["what changed"] = "; ".join(
+        f"{t.table}: " + (t.note if t.whole_table else f"{t.counts['back']} came back, {t.counts['reverted']} reverted, "
+                          f"{t.counts['removed']} removed") for t in report.tables)
+    record.facts["reconciliation pack"] = pack
+    record.facts["applied in transaction"] = txid
+    record.facts["rows kept (RPO gained)"] = (f"every write after T in {len(report.kept)} tables not replaced "
+                                              f"(net {report.rows_kept()} rows); RPO 0 for them")
+    record.sections.append(report.markdown())
+    record.reconcile_command = f"dr reconcile --service {service} --env {environment} --incident {incident}"
+

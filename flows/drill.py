@@ -19,6 +19,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dr.errors import DrError, InvalidInput, ValidationFailed
+from dr.fleet.runs import refresh_readiness, tag_this_run
 from dr.runtime import Ref
 from flows.common import run_logger
 from flows.data_loss import data_loss
@@ -73,7 +74,7 @@ def _history_path(ref: Ref) -> Path:
     return rdir / "drill-history.jsonl"
 
 
-@flow(name="dr-drill", log_prints=True)
+@flow(name="dr-drill", log_prints=True, on_completion=[refresh_readiness], on_failure=[refresh_readiness])
 def dr_drill(
     service: str,
     environment: str,
@@ -94,6 +95,7 @@ def dr_drill(
         config_path: the configuration file.
     """
     ref = Ref(service, environment, config_path)
+    tag_this_run(service, environment)
     t = ref.rt().target
     if t.production:
         raise InvalidInput(f"drills damage data on purpose and are refused for production ({service} {environment})")

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 from prefect import flow
 
 from dr.errors import DrError, VerificationFailed
+from dr.fleet.runs import refresh_readiness, tag_this_run
 from dr.runtime import Ref
 from flows.common import run_logger
 from tasks.backups import backup_database_task, find_backup
@@ -29,7 +30,7 @@ def apply_retention_task(ref: Ref, dry_run: bool) -> dict:
             "failed": [f"{b.name}: {why}" for b, why in report.failed]}
 
 
-@flow(name="nightly-backup", log_prints=True)
+@flow(name="nightly-backup", log_prints=True, on_completion=[refresh_readiness], on_failure=[refresh_readiness])
 def nightly_backup(
     service: str,
     environment: str,
@@ -52,6 +53,7 @@ def nightly_backup(
     """
     ref = Ref(service, environment, config_path)
     log = run_logger()
+    tag_this_run(service, environment)
     try:
         result = backup_database_task(ref, kind="nightly", fmt=backup_format)
     except DrError as exc:
@@ -68,7 +70,7 @@ def nightly_backup(
     return out
 
 
-@flow(name="verify-backup", log_prints=True)
+@flow(name="verify-backup", log_prints=True, on_completion=[refresh_readiness], on_failure=[refresh_readiness])
 def verify_backup(service: str, environment: str, backup: str | None = None, config_path: str | None = None) -> dict:
     """Prove a backup restores: restore it into a scratch database, check checksum and manifest, drop it.
 
@@ -81,6 +83,7 @@ def verify_backup(service: str, environment: str, backup: str | None = None, con
         config_path: the configuration file.
     """
     ref = Ref(service, environment, config_path)
+    tag_this_run(service, environment)
     info = find_backup(ref, name=backup, kinds=None if backup else ("nightly",))
     scratch = None
     try:
@@ -90,12 +93,22 @@ def verify_backup(service: str, environment: str, backup: str | None = None, con
             raise VerificationFailed(f"backup {info.name} restored but has no manifest to check it against")
     except DrError as exc:
         notify(ref, "BACKUP DOES NOT RESTORE", f"{info.name}: {exc}", flow_run_link())
+        _verify_artifact(ref, info.name, f"**FAILED**: {exc}")
         raise
     finally:
         if scratch:
             drop_database_task(ref, scratch)
     run_logger().info("backup %s restores and matches its manifest", info.name)
+    _verify_artifact(ref, info.name, f"**PASSED**: restored in {r.seconds:.0f} s, checksum and manifest match")
     return {"backup": info.name, "verified": True, "seconds": r.seconds}
+
+
+def _verify_artifact(ref: Ref, backup: str, result: str) -> None:
+    """The verify's result for people and the board (`verify-<service>-<environment>`; its description is the backup)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key=f"verify-{ref.service}-{ref.environment}", description=backup,
+                             markdown=f"# Restore test of {backup}\n\n{ref.service} {ref.environment}: {result}")
 
 
 def latest_backup_age_hours(ref: Ref) -> float:

@@ -7,8 +7,10 @@ from prefect import flow
 from dr.errors import DrError
 from dr.runtime import Ref
 from flows.common import recovery_lock, run_logger
+from flows.plan import plan_restore, publish_plan
 from tasks.backups import backup_database_task, find_backup
 from tasks.database import database_exists_task, restore_backup_task, table_counts
+from tasks.preflight import check_backup_fits
 
 RESTORABLE_KINDS = ("nightly", "adhoc", "ptr", "drill", "unknown")
 
@@ -37,6 +39,7 @@ def restore_database(
     database: str | None = None,
     jobs: int = 2,
     safety_backup: bool = True,
+    plan_only: bool = False,
     config_path: str | None = None,
 ) -> dict:
     """Restore a backup into the environment's database: new database, verify, then atomic swap.
@@ -53,16 +56,27 @@ def restore_database(
         database: the database name to restore as; default the environment's database.
         jobs: parallel restore jobs for custom-format backups.
         safety_backup: first back up the live database to the store (kind `pre-restore-safety`).
+        plan_only: check everything (the backup's extensions and versions against the server, the client
+            tools) and show the plan, changing nothing.
         config_path: the configuration file.
     """
     ref = Ref(service, environment, config_path)
     log = run_logger()
     check_restore_parameters(backup=backup, database=database, jobs=jobs)
+    if plan_only:
+        plan = plan_restore(ref, backup, server, database, kinds=None if backup else RESTORABLE_KINDS,
+                            safety_backup=safety_backup)
+        publish_plan(plan)
+        return {"plan": plan.text(), "blockers": plan.blockers}
     with recovery_lock(ref):
         try:
             info = find_backup(ref, name=backup, kinds=None if backup else RESTORABLE_KINDS)
         except DrError as exc:
             raise exc.annotate(step="find the backup", world_state="nothing was changed")
+        try:  # extensions, versions, client tools: refused before the safety backup, before anything changes
+            check_backup_fits(ref, info.name, server=server)
+        except DrError as exc:
+            raise exc.annotate(step="check what the backup needs", world_state="nothing was changed")
         log.info("restoring backup %s (%s bytes, finished %s)", info.name, info.size, info.finished_at or info.created_at)
         safety = None
         target_db = database
@@ -70,12 +84,16 @@ def restore_database(
             safety = backup_database_task(ref, kind="pre-restore-safety", server=server, database=database).info.name
             log.info("safety backup of the live database: %s", safety)
         try:
-            result = restore_backup_task(ref, backup=info.name, server=server, database=target_db, jobs=jobs)
+            result = restore_backup_task(ref, backup=info.name, server=server, database=target_db, jobs=jobs,
+                                         safety_backup=safety)
         except DrError as exc:
             raise exc.annotate(step="restore", world_state="unknown; check the server's databases",
                                resume_hint=f"dr restore --service {service} --env {environment} --backup {info.name}")
         # the manifest check already counted every row of the restored database (a full read of it)
         counts = result.rows if result.rows is not None else table_counts(ref, server=server, database=database)
+    if result.skipped:
+        log.warning("restore skipped: %s", result.skipped)
     return {"backup": info.name, "database": result.database, "replaced_database": result.replaced_database,
-            "safety_backup": safety, "verified_manifest": result.verified_manifest, "seconds": result.seconds,
-            "already_done": result.already_done, "rows": counts}
+            "replaced_held_by": result.replaced_held_by, "safety_backup": safety,
+            "verified_manifest": result.verified_manifest, "seconds": result.seconds,
+            "already_done": result.already_done, "skipped": result.skipped, "rows": counts}

@@ -1,8 +1,10 @@
 """Scenario 1 of the runbook: loss of the database server.
 
-Maintenance on → revive the dropped server, or recreate it and restore the newest
-complete nightly backup, or (Azure, region outage) geo-restore it into the paired region →
-validate → (approval) maintenance off → report.
+Maintenance on → revive the dropped server, or recreate it from its latest snapshot (version,
+size, network), apply the snapshot's parameters (waiting for any restart they need) and restore
+the newest complete nightly backup, or (Azure, region outage) geo-restore it into the paired
+region → validate → (approval) maintenance off → report. A backup the recreated server could not
+take (a missing or refused extension, an older version) is refused before anything changes.
 
 Re-running with the same incident id continues: a revived or recreated server is
 recognised, and a database already restored from the chosen backup is not restored again.
@@ -15,7 +17,7 @@ from typing import Literal
 
 from prefect import flow
 
-from dr.errors import DrError, InvalidInput, ServerExists
+from dr.errors import DrError, IncompatibleBackup, InvalidInput, PlatformError, ServerExists
 from dr.incident import IncidentRecord, check_incident_id, new_incident_id
 from dr.platforms.base import TAG_INCIDENT
 from dr.runtime import Ref
@@ -26,12 +28,17 @@ from tasks.backups import find_backup
 from tasks.database import database_exists_task, restore_backup_task
 from tasks.maintenance import disable_maintenance, enable_maintenance, scale_up_app, wait_until_healthy
 from tasks.notifications import flow_run_link, notify
+from tasks.preflight import apply_server_parameters, latest_server_snapshot_task, recreate_server_from_snapshot
 from tasks.reports import publish_report
 from tasks.servers import (
+    follow_ups_task,
+    geo_restore_refusals_task,
     geo_restore_task,
     geo_server_name,
     get_server_task,
     list_dropped_servers_task,
+    recovery_server_name,
+    recovery_server_name_task,
     recreate_server_task,
     revive_server_task,
 )
@@ -50,6 +57,7 @@ def server_loss(
     plan_only: bool = False,
     approval_timeout_minutes: int | None = None,
     wait_for_go_ahead: bool = False,
+    without_snapshot: bool = False,
     config_path: str | None = None,
 ) -> dict:
     """Bring back a lost database server, the runbook's scenario 1.
@@ -70,6 +78,8 @@ def server_loss(
         plan_only: check everything and show the plan, changing nothing.
         approval_timeout_minutes: how long each gate waits for a person (default from config).
         wait_for_go_ahead: pause for a person before anything is changed (runs started by an alert).
+        without_snapshot: recreate with the platform's defaults when the store holds no snapshot of the
+            server (otherwise refused: a recreate never guesses the server's version, size and parameters).
         config_path: the configuration file.
     """
     check_approval_timeout(approval_timeout_minutes)
@@ -85,10 +95,19 @@ def server_loss(
         if t.geo_restore is None:
             raise InvalidInput(f"geo-restore needs the paired region: set geo_restore = {{ location = \"...\" }} "
                                f"(and the subnet and DNS zone there) for services.{service}.environments.{environment}")
-    plan = plan_server_loss(ref, backup)
+        refusals = geo_restore_refusals_task(ref)
+        if refusals:
+            raise InvalidInput(f"geo-restore of {t.server} to {t.geo_restore.location} is not possible: "
+                               + "; ".join(refusals))
+    plan = plan_server_loss(ref, backup, without_snapshot, recovery)
     publish_plan(plan)
     if plan_only:
         return {"incident": incident, "plan": plan.text(), "blockers": plan.blockers}
+    if plan.refusals and recovery != "geo-restore":
+        raise IncompatibleBackup("cannot start: " + "; ".join(plan.refusals), problems=plan.refusals,
+                                 world_state="nothing was changed")
+    # the server as it was: chosen once, before anything changes (what the plan showed)
+    snapshot = latest_server_snapshot_task(ref) if recovery != "geo-restore" else None
 
     # nothing lost: refuse before touching anything (a server this incident brought back is a resume);
     # a geo-restore leaves the server alone (in a region outage Azure may even call it Ready)
@@ -131,15 +150,22 @@ def server_loss(
                     if srv is not None and srv.tags.get(TAG_INCIDENT) != incident:
                         raise ServerExists(f"server {geo_name} exists and is not this incident's geo-restore",
                                            server=geo_name)
-                    if srv is None:
+                    made = srv is None
+                    if made or srv.state != "Ready":  # a re-run re-attaches to the running operation
                         srv = geo_restore_task(ref, tags={TAG_INCIDENT: incident})
+                    if made:
                         record.servers_created.append(srv.name)
                     how = "geo-restored"
                     ev.detail = f"{t.server} geo-restored as {srv.name} in {t.geo_restore.location} ({srv.host})"
-                elif srv is not None:
-                    how = "revived" if "dr-revived-at" in srv.tags else "recreated"
-                    ev.detail = f"{t.server} already back ({how}); continuing"
+                elif srv is not None or (srv := get_server_task(ref, recovery_server_name(t.server, incident))):
+                    how = "revived" if any(k.startswith("dr-revived") for k in srv.tags) else "recreated"
+                    ev.detail = f"{t.server} already back as {srv.name} ({how}); continuing"
                 else:
+                    # Azure keeps a dropped server's name while it can be revived: then it comes back as another
+                    name, held = recovery_server_name_task(ref, incident)
+                    if held:
+                        log.warning("%s: %s; as Microsoft advises, it comes back as %s, and the app is pointed at it "
+                                    "before users return", t.server, held, name)
                     dropped = [d for d in list_dropped_servers_task(ref) if d.name == t.server]
                     choice = recovery
                     if choice == "revive" and not dropped:
@@ -153,41 +179,71 @@ def server_loss(
                         else:
                             choice = "revive" if dropped else "recreate"
                     if choice == "revive":
-                        srv = revive_server_task(ref)
+                        srv = revive_server_task(ref, name)
                         how = "revived"
-                    else:
-                        srv = recreate_server_task(ref, tags={TAG_INCIDENT: incident})
+                    elif snapshot is not None:
+                        srv = recreate_server_from_snapshot(ref, snapshot[0], tags={TAG_INCIDENT: incident}, name=name)
                         how = "recreated"
                         record.servers_created.append(srv.name)
-                    ev.detail = f"{how} {srv.name}"
+                    elif without_snapshot:
+                        srv = recreate_server_task(ref, name, tags={TAG_INCIDENT: incident})
+                        how = "recreated"
+                        record.servers_created.append(srv.name)
+                    else:
+                        raise PlatformError(f"no snapshot of server {t.server} in the store: a recreate would have to "
+                                            "guess its version, size and parameters; recreate it by hand, or run "
+                                            "again with without_snapshot (--without-snapshot)", server=t.server)
+                    ev.detail = f"{how} {srv.name}" + (f" from the snapshot taken with {snapshot[1]}"
+                                                       if how == "recreated" and snapshot else "")
                 record.facts["server"] = f"{how}: {t.server}" if srv.name == t.server else \
                     f"{how}: {srv.name} in place of {t.server}"
+                for i, todo in enumerate(follow_ups_task(ref, srv.name), 1):
+                    record.facts[f"to do {i}"] = todo
                 state = f"server {srv.name} {how}; maintenance page on"
 
             if how == "recreated":
+                with timeline.step("apply the server's parameters") as ev:
+                    if snapshot is not None and snapshot[0].parameters:
+                        change = apply_server_parameters(ref, snapshot[0].parameters, server=srv.name)
+                        ev.detail = (f"from the snapshot taken with {snapshot[1]}: "
+                                     + (", ".join(f"{k} = {v}" for k, v in change.applied.items()) or "none changed")
+                                     + (f"; already set: {', '.join(change.unchanged)}" if change.unchanged else "")
+                                     + ("; the server was restarted for them" if change.restarted else ""))
+                        state = f"server {srv.name} recreated with its parameters; maintenance page on"
+                    else:
+                        ev.outcome = "skipped"
+                        ev.detail = ("no snapshot: the platform's defaults, as asked" if snapshot is None else
+                                     snapshot[0].extra.get("parameters_unknown", "the snapshot records no "
+                                                            "non-default parameters"))
                 with timeline.step("restore the newest nightly backup") as ev:
                     info = find_backup(ref, name=backup, kinds=None if backup else NIGHTLY_KINDS)
                     restored_backup = info.name
                     record.last_backup = info.finished_at or info.created_at
-                    res = restore_backup_task(ref, backup=info.name, jobs=2)
-                    ev.detail = f"{info.name} ({'already restored' if res.already_done else 'restored and verified'})"
-                    state = f"server {t.server} recreated and holds backup {info.name}; maintenance page on"
+                    res = restore_backup_task(ref, backup=info.name, server=srv.name, jobs=2, incident=incident)
+                    if res.skipped:
+                        ev.outcome, ev.detail = "skipped", res.skipped
+                        record.facts["restore skipped"] = res.skipped
+                    else:
+                        ev.detail = f"{info.name} restored and verified"
+                    state = f"server {srv.name} recreated and holds backup {info.name}; maintenance page on"
             elif how == "geo-restored":
                 record.facts["data loss"] = ("what was not yet geo-replicated: Azure copies backups to the paired "
                                              "region with a lag of up to about an hour")
+            else:
+                record.facts["data loss"] = "none: the revived server keeps all committed data"
+            moved = srv.name != t.server  # geo-restored, or brought back under a new name
+            if moved:
                 validate_step(ref, timeline, server=srv.name, healthcheck=False, step=f"check the data on {srv.name}")
-                state = f"{srv.name} geo-restored and checked; the app still points at {t.server}; maintenance on"
-                d = approve(ref, timeline, gate="switch the app to the geo-restored server", auto_approve=auto_approve,
+                state = f"{srv.name} {how} and checked; the app still points at {t.server}; maintenance on"
+                d = approve(ref, timeline, gate=f"switch the app to the {how} server", auto_approve=auto_approve,
                             timeout_minutes=timeout, resume=resume,
                             what=(f"point the app's database host at {srv.host} (server {srv.name}), e.g. its "
                                   f"DATABASE_URL secret, and set server = \"{srv.name}\" for {service} {environment} "
                                   "in dr.toml; approve once done"))
                 record.decisions.append(d.line())
-            else:
-                record.facts["data loss"] = "none: the revived server keeps all committed data"
 
-            # a geo-restored server is the service's server now, whatever dr.toml still says
-            record.validated = validate_step(ref, timeline, server=srv.name if how == "geo-restored" else None)
+            # a server under another name is the service's server now, whatever dr.toml still says
+            record.validated = validate_step(ref, timeline, server=srv.name if moved else None)
 
             d = approve(ref, timeline, gate="disable maintenance", auto_approve=auto_approve, timeout_minutes=timeout,
                         resume=resume, what=f"service validated on the {how} server; send users back")

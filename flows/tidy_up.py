@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
@@ -16,7 +18,8 @@ def tidy_up(service: str, environment: str, older_than_hours: float = 0.0, dry_r
     """Delete PTR servers and replaced/half-restored databases that this tool created and tagged.
 
     Lists everything first. Only resources carrying this tool's tags or naming are ever
-    considered; a replaced database is kept unless a safety backup of it is in the store.
+    considered; a replaced database is dropped only when a backup in the store holds exactly it (taken
+    of that very database, with no write to it since, and its bytes verified).
 
     Args:
         service: the service short name.
@@ -36,10 +39,14 @@ def tidy_up(service: str, environment: str, older_than_hours: float = 0.0, dry_r
                  it.kind, it.name, it.reason)
     deleted = []
     if not dry:
-        for it in items:
+        for i, it in enumerate(items):
             if it.deletable:
-                delete_leftover(ref, it)
-                deleted.append(it.name)
+                why = delete_leftover(ref, it)
+                if why is None:
+                    deleted.append(it.name)
+                else:  # a last check refused: say so, keep it
+                    log.warning("kept %s %s: %s", it.kind, it.name, why)
+                    items[i] = replace(it, deletable=False, reason=why)
     create_table_artifact(
         key=f"tidy-up-{service}-{environment}",
         table=[{"kind": i.kind, "name": i.name, "created": i.created_at.isoformat(),

@@ -22,11 +22,37 @@ class Leftover:
     created_at: datetime
     deletable: bool
     reason: str
+    #: replaced databases: the backup that holds it exactly
+    backup: str | None = None
 
 
 def _stamp(name: str) -> datetime | None:
     m = re.search(r"_(\d{14})(?:_\d+)?$", name)  # `_2`, `_3`...: a second one within the same second
     return datetime.strptime(m.group(1), "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc) if m else None
+
+
+def _holding_backup(rt, admin, name: str, comment: str) -> tuple[str | None, str]:
+    """The backup that holds database `name` exactly (same database, no write since), or None and why none does.
+
+    The backup the swap named in the database's comment is tried first, then any other backup of
+    the store taken of this same database (e.g. one taken by hand after tidy-up asked for it).
+    """
+    server = rt.target.server
+    db.allow_connections(admin, name)  # a tidy-up killed while checking it left it refusing them
+    with db.connect(admin.with_db(name)) as c:
+        identity, fingerprint = db.database_identity(c), db.write_fingerprint(c)
+    named = re.search(r"held by backup (\S+) sha256=", comment) or re.search(r"not held by backup (\S+):", comment)
+    candidates = [b for b in rt.store.list_backups()
+                  if (b.manifest or {}).get("identity", {}).get("database_oid") == identity["database_oid"]
+                  and b.source_server == server]
+    candidates.sort(key=lambda b: not (named and b.name == named.group(1)))  # the named one first
+    why = "no backup in the store was taken of this database"
+    for b in candidates:
+        reason = db.held_by(b, server, identity, fingerprint)
+        if reason is None:
+            return b.name, f"held by backup {b.name} (this very database, no write since it was taken)"
+        why = reason
+    return None, why
 
 
 @dr_task
@@ -46,22 +72,21 @@ def find_leftovers(ref: Ref, older_than_hours: float = 0.0, incident: str | None
     if rt.servers.server_exists(rt.target.server) and rt.servers.get_server(rt.target.server).state == "Ready":
         admin = rt.servers.connection(rt.target.server, "postgres")
         live = rt.target.database
-        safety = [b for b in rt.store.list_backups() if b.complete and b.kind == "pre-restore-safety"
-                  and b.database == live]
         for name in db.list_databases(admin):
             stamp = _stamp(name)
             comment = db.database_comment(admin, name) or ""
             if stamp is None:
                 continue
             if name.startswith(live[:40]) and "_replaced_" in name and comment.startswith(db.REPLACED_COMMENT):
-                covered = any(b.finished_at and stamp - timedelta(days=1) <= b.finished_at <= stamp + timedelta(minutes=1)
-                              for b in safety)
-                ok = stamp <= cutoff and covered
-                reason = ("replaced by a restore; a safety backup of it is in the store" if ok else
-                          f"younger than {older_than_hours} h" if stamp > cutoff else
-                          "no safety backup of it in the store: back it up first "
-                          f"(dr backup --database {name} --kind pre-restore-safety)")
-                out.append(Leftover("replaced-database", name, stamp, ok, reason))
+                if stamp > cutoff:
+                    out.append(Leftover("replaced-database", name, stamp, False, f"younger than {older_than_hours} h"))
+                    continue
+                backup, why = _holding_backup(rt, admin, name, comment)
+                out.append(Leftover(
+                    "replaced-database", name, stamp, backup is not None,
+                    why if backup else (f"kept: {why}; back it up first (dr backup --database {name} "
+                                        "--kind pre-restore-safety), then tidy up again"),
+                    backup=backup))
             elif name.startswith(live[:40]) and "_restore_" in name and comment.startswith(
                     ("dr: restoring ", RESTORED)):  # restored and verified, but killed before its swap: a copy of a backup
                 ok = stamp <= cutoff
@@ -91,7 +116,7 @@ def _left_by_dead_processes(rt) -> list[tuple[str, Path, datetime, str]]:
     """(kind, path, modified, reason) of each such thing on this machine whose process no longer runs."""
     import tempfile
 
-    from dr.retention import running_since
+    from dr.platforms.holds import running_since
 
     places = {"passfile-directory": [Path(tempfile.gettempdir())]}
     if rt.target.platform == "local":
@@ -112,20 +137,45 @@ def _left_by_dead_processes(rt) -> list[tuple[str, Path, datetime, str]]:
 
 
 @dr_task
-def delete_leftover(ref: Ref, item: Leftover) -> None:
-    """Delete one leftover found by `find_leftovers`."""
+def delete_leftover(ref: Ref, item: Leftover) -> str | None:
+    """Delete one leftover found by `find_leftovers`; returns None, or why it was kept after all.
+
+    A replaced database is dropped only after its backup's bytes verify against the checksum
+    recorded when it was taken, and only if, with every session of it ended, it is still exactly
+    what that backup holds.
+    """
+    from dr.backup import CHUNK
+    from dr.errors import BackupCorrupted, BackupNotFound
+
     rt = ref.rt()
     if item.kind == "ptr-server":
         rt.servers.delete_server(item.name)
-    elif item.kind == "hold":
+        return None
+    if item.kind == "hold":
         from dr.retention import release_dead_hold
 
         release_dead_hold(rt.store, item.name)
-    elif item.kind in ("staging-file", "spool-directory", "passfile-directory"):
+        return None
+    if item.kind in ("staging-file", "spool-directory", "passfile-directory"):
         import shutil
 
         path = Path(item.name)
         if any(str(p) == item.name for _, p, _, _ in _left_by_dead_processes(rt)):  # still its process's, still dead
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    else:
-        db.drop_database(rt.servers.connection(rt.target.server, "postgres"), item.name)
+            return None
+        return "kept: its process runs again (or it is gone already)"
+    admin = rt.servers.connection(rt.target.server, "postgres")
+    if item.kind != "replaced-database":
+        db.drop_database(admin, item.name)
+        return None
+    try:
+        info = rt.store.get_backup(item.backup)
+        with rt.store.reader(item.backup) as r:
+            while r.read(CHUNK):
+                pass
+            r.verify()
+    except (BackupCorrupted, BackupNotFound) as exc:
+        return f"kept: backup {item.backup} does not verify ({exc.message})"
+    why = db.drop_if_held(admin, item.name, lambda identity, fingerprint: db.held_by(
+        info, rt.target.server, identity, fingerprint))
+    return None if why is None else f"kept: {why}"

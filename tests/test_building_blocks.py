@@ -80,7 +80,7 @@ class TestRestoreFlow:
         b = backup_database(**live_env.kw())
         live_env.query("DELETE FROM audit_events")
         first = restore_database(**live_env.kw(), backup=b["name"], safety_backup=False)["replaced_database"]
-        b2 = backup_database(**live_env.kw())  # another backup: the same one again would be a no-op
+        b2 = backup_database(**live_env.kw())
         live_env.query("DELETE FROM audit_events WHERE id % 2 = 0")
         second = restore_database(**live_env.kw(), backup=b2["name"], safety_backup=False)["replaced_database"]
         assert (first, second) == ("apply_development_replaced_20261127040645",
@@ -93,6 +93,32 @@ class TestRestoreFlow:
         # tidy-up knows both for its own
         found = {(i["kind"], i["name"]) for i in tidy_up(**live_env.kw(), dry_run=True)["found"]}
         assert {("replaced-database", first), ("replaced-database", second)} <= found
+
+    def test_asking_again_for_a_backup_restores_it_again(self, live_env):
+        """A person's second request for the same backup is done, not mistaken for a resumed incident."""
+        b = backup_database(**live_env.kw())
+        want = live_env.scalar(CHECKSUM)
+        first = restore_database(**live_env.kw(), backup=b["name"], safety_backup=False)
+        live_env.query("UPDATE applications SET personal_statement = 'edited' WHERE id % 3 = 0")  # users write on
+        changed = live_env.scalar(CHECKSUM)
+        again = restore_database(**live_env.kw(), backup=b["name"], safety_backup=False)
+        assert first["skipped"] is None and again["skipped"] is None and not again["already_done"]
+        assert live_env.scalar(CHECKSUM) == want != changed
+        assert live_env.scalar(CHECKSUM, database=again["replaced_database"]) == changed
+
+    def test_only_the_same_incident_resumes_a_finished_swap(self, live_env):
+        """The "already holds this backup" check belongs to the incident (or run) that swapped it in."""
+        from dr.restore import restore_backup
+
+        b = backup_database(**live_env.kw())
+        p, target = live_env.platform, live_env.target
+        kw = dict(server=target.server, database=target.database, backup=b["name"])
+        done = restore_backup(p.servers, p.store, PgTools.default(), **kw, resume_key="incident INC-1")
+        resumed = restore_backup(p.servers, p.store, PgTools.default(), **kw, resume_key="incident INC-1")
+        assert done.skipped is None and resumed.already_done and resumed.replaced_database is None
+        assert "already holds backup" in resumed.skipped and "incident INC-1" in resumed.skipped
+        other = restore_backup(p.servers, p.store, PgTools.default(), **kw, resume_key="incident INC-2")
+        assert other.skipped is None and other.replaced_database is not None
 
     def test_restores_a_sql_gz_made_by_the_existing_tooling(self, live_env):
         want = table_counts(live_env.conn())
@@ -228,6 +254,46 @@ class TestTidyUp:
         dbs = {d[0] for d in live_env.query("SELECT datname FROM pg_database")}
         assert "apply_development_replaced_20200101000000" in dbs and r["replaced_database"] not in dbs
         assert live_env.platform.store.backup_exists(r["safety_backup"])
+
+    def test_a_replaced_database_is_dropped_only_when_a_backup_holds_exactly_it(self, live_env):
+        """Tidy-up links a replaced database to its backup by identity and "no write since", not by a time window."""
+        from dr.restore import restore_backup
+
+        p, target = live_env.platform, live_env.target
+        b = backup_database(**live_env.kw())
+
+        def kept(name: str) -> str:
+            found = {i["name"]: i for i in tidy_up(**live_env.kw(), dry_run=False)["found"]}
+            assert name in found and name in {d[0] for d in live_env.query("SELECT datname FROM pg_database")}
+            return found[name]["reason"]
+
+        # 1. restored without a safety backup: the older backup of the same database misses a later write
+        live_env.query("UPDATE candidates SET email = email || '.later' WHERE id = 2")
+        no_safety = restore_database(**live_env.kw(), backup=b["name"], safety_backup=False)["replaced_database"]
+        assert f"written to (or its statistics were reset) after backup {b['name']}" in kept(no_safety)
+        # 2. a safety backup taken, then writes before the swap: the backup does not hold what was replaced
+        safety = backup_database(**live_env.kw(), kind="pre-restore-safety")["name"]
+        live_env.query("UPDATE candidates SET email = email || '.late' WHERE id = 1")
+        late = restore_backup(p.servers, p.store, PgTools.default(), server=target.server, database=target.database,
+                              backup=b["name"], safety_backup=safety)
+        assert late.replaced_held_by.startswith(f"not held by backup {safety}: it was written to")
+        assert "written to" in kept(late.replaced_database)
+        # 3. held at the swap, but written to afterwards
+        r = restore_database(**live_env.kw(), backup=b["name"])
+        assert r["replaced_held_by"].startswith(f"held by backup {r['safety_backup']}")
+        live_env.query("INSERT INTO audit_events (action, changes) VALUES ('after the swap', '{}')", database=r["replaced_database"])
+        assert "written to" in kept(r["replaced_database"])
+        # 4. a backup of exactly that database, taken by hand as tidy-up asks, lets it go; its bytes are checked first
+        by_hand = backup_database(**live_env.kw(), database=late.replaced_database, kind="pre-restore-safety")["name"]
+        (p.store.root / by_hand).write_bytes(b"not the backup any more")
+        assert "does not verify" in kept(late.replaced_database)
+        for name in (no_safety, r["replaced_database"]):
+            backup_database(**live_env.kw(), database=name, kind="pre-restore-safety")
+        res = tidy_up(**live_env.kw(), dry_run=False)
+        assert {no_safety, r["replaced_database"]} <= set(res["deleted"])
+        assert late.replaced_database not in res["deleted"]
+        left = {d[0] for d in live_env.query("SELECT datname FROM pg_database")}
+        assert no_safety not in left and r["replaced_database"] not in left and late.replaced_database in left
 
     def test_production_defaults_to_a_dry_run(self, base_dir):
         from tests.helpers import make_env

@@ -72,6 +72,16 @@ class TestBadConfig:
         assert field in msg
         assert words in msg
 
+    @pytest.mark.parametrize("name", ["ab", "a" * 64, "a--b", "-ab", "ab-", "a.b"])
+    def test_server_names_azure_refuses_are_refused_at_load(self, name):
+        # Azure: 3-63 letters, digits and single hyphens, neither first nor last
+        with pytest.raises(ConfigError, match=r"services\.apply\.environments\.qa\.server.*pattern"):
+            parse_config(f'[services.apply.environments.qa]\nserver = "{name}"\n', "dr.toml")
+
+    @pytest.mark.parametrize("name", ["abc", "a" * 63, "Apply-PD-1", "s189-apply-pd-pg"])
+    def test_server_names_azure_accepts_load(self, name):
+        assert parse_config(f'[services.apply.environments.qa]\nserver = "{name}"\n').target("apply", "qa").server == name
+
     def test_unknown_environment_at_lookup(self):
         with pytest.raises(ConfigError, match="unknown environment 'staging'.*configured: production, qa"):
             parse_config(GOOD).target("apply", "staging")

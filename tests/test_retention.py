@@ -17,7 +17,7 @@ from dr.config import Retention
 from dr.errors import BackupError, BackupNotFound, InvalidInput
 from dr.platforms.base import BackupInfo
 from dr.platforms.local.store import META_SUFFIX, LocalBackupStore
-from dr.retention import apply_retention, held, hold, is_nightly, select_keep
+from dr.retention import apply_retention, is_nightly, select_keep
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
 POLICY = Retention(daily=7, weekly=4, monthly=6)
@@ -205,45 +205,45 @@ class TestHolds:
         put(store, old, "nightly", _at(date(2026, 1, 1)))
         put(store, "apply_dv_2026-11-25.sql.gz", "nightly", _at(date(2026, 11, 25)))
         policy = Retention(daily=1, weekly=0, monthly=0)
-        with hold(store, old, "inc-20261126-0300-ab12"):
-            assert held(store, old)
+        with store.hold(old, "inc-20261126-0300-ab12"):
+            assert store.held(old)
             report = apply_retention(store, policy, NOW, dry_run=False)
             assert old in names(store)
             assert [(b.name, why) for b, why in report.skipped] == [(old, "held by a running restore")]
             assert report.deleted == []
-        assert not held(store, old)
+        assert not store.held(old)
         apply_retention(store, policy, NOW, dry_run=False)
         assert old not in names(store)
 
     def test_hold_is_released_when_the_block_fails(self, store):
         put(store, "b.sql.gz", "adhoc", NOW)
         with pytest.raises(RuntimeError):
-            with hold(store, "b.sql.gz", "run1"):
+            with store.hold("b.sql.gz", "run1"):
                 raise RuntimeError("restore failed")
-        assert not held(store, "b.sql.gz")
+        assert not store.held("b.sql.gz")
         assert not list(store.root.glob(".b.sql.gz.hold-*"))
 
     def test_two_holders_and_one_holder_twice(self, store):
         put(store, "b.sql.gz", "adhoc", NOW)
-        with hold(store, "b.sql.gz", "run1"):
-            with hold(store, "b.sql.gz", "run2"):
+        with store.hold("b.sql.gz", "run1"):
+            with store.hold("b.sql.gz", "run2"):
                 pass
-            assert held(store, "b.sql.gz")  # run1 still holds it
+            assert store.held("b.sql.gz")  # run1 still holds it
             with pytest.raises(BackupError, match="already held by 'run1'"):
-                with hold(store, "b.sql.gz", "run1"):
+                with store.hold("b.sql.gz", "run1"):
                     pass
-        assert not held(store, "b.sql.gz")
+        assert not store.held("b.sql.gz")
 
     def test_hold_on_a_missing_backup_fails_and_leaves_no_file(self, store):
         with pytest.raises(BackupNotFound):
-            with hold(store, "gone.sql.gz", "run1"):
+            with store.hold("gone.sql.gz", "run1"):
                 pass
         assert not list(store.root.glob(".*hold*"))
 
     def test_bad_holder_name_is_refused(self, store):
         put(store, "b.sql.gz", "adhoc", NOW)
         with pytest.raises(InvalidInput, match="holder"):
-            with hold(store, "b.sql.gz", "../x"):
+            with store.hold("b.sql.gz", "../x"):
                 pass
 
     def test_a_stale_hold_is_ignored_with_a_warning(self, store, caplog):
@@ -253,7 +253,7 @@ class TestHolds:
         past = time.time() - 25 * 3600
         os.utime(stale, (past, past))
         with caplog.at_level(logging.WARNING, logger="dr.retention"):
-            assert held(store, "b.sql.gz") is False
+            assert store.held("b.sql.gz") is False
         assert "stale hold" in caplog.text
 
     def test_stores_without_holds_refuse_retention(self):

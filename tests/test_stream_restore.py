@@ -144,7 +144,7 @@ class TestStreamedParallelRestore:
         assert env.scalar("SELECT count(*) FROM app.readonly", database=db) == 3
         acl = "SELECT relacl::text FROM pg_class WHERE oid = 'app.readonly'::regclass"
         assert env.scalar(acl, database=db) == env.scalar(acl, database=DB) is not None
-        # planner statistics came with the backup
+        # the planner knows the table's size: statistics from the backup on 18 (tests/test_real_databases.py), ANALYZE before
         assert env.scalar("SELECT reltuples FROM pg_class WHERE oid = 'app.big'::regclass", database=db) == 30000
 
     def test_rows_are_loaded_frozen_so_reading_them_writes_nothing(self, edge):

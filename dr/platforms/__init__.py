@@ -20,7 +20,7 @@ def get_platform(config: DrConfig, target: Target) -> Platform:
     if target.platform == "local":
         from dr.platforms.local import local_servers, local_store
 
-        servers = local_servers(config)
+        servers = local_servers(config, target)
         store = local_store(config, target)
     else:
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Iterator
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
 
 from dr.commands import ConnInfo
 
@@ -57,6 +57,110 @@ class RestoreWindow:
 
     earliest: datetime
     latest: datetime
+
+
+#: extensions every PostgreSQL has and no allow-list governs
+ALWAYS_ALLOWED_EXTENSIONS = frozenset({"plpgsql"})
+
+
+@dataclass(frozen=True)
+class ExtensionSupport:
+    """Which extensions a server can create: the packages installed, and the platform's allow-list if it has one.
+
+    Attributes:
+        server: the server's name.
+        version: its PostgreSQL major version (None when not known).
+        available: extension name → default version, as `pg_available_extensions` lists them;
+            None when not known yet (a server still to be created on a platform that cannot say).
+        allow_list: the names `CREATE EXTENSION` accepts (Azure: the `azure.extensions`
+            parameter, lowercase); None when the platform has no allow-list (local).
+        description: what the server runs, for people (e.g. "PostgreSQL 15.18, the distribution's").
+        install_fix: what to do about an extension that is not installed, for people.
+        allow_fix: what to do about an extension that is not allow-listed, for people.
+    """
+
+    server: str
+    version: int | None
+    available: dict[str, str] | None
+    allow_list: frozenset[str] | None = None
+    description: str = ""
+    install_fix: str = "install the PostgreSQL package that carries it (the full contrib set)"
+    allow_fix: str = "add it to the server's extension allow-list"
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """The extensions among `names` that are not installed (empty when not known)."""
+        if self.available is None:
+            return []
+        return sorted(n for n in set(names) if n not in self.available)
+
+    def not_allowed(self, names: Iterable[str]) -> list[str]:
+        """The extensions among `names` the allow-list refuses (empty without an allow-list)."""
+        if self.allow_list is None:
+            return []
+        allowed = {a.strip().lower() for a in self.allow_list}
+        return sorted(n for n in set(names) if n.lower() not in allowed and n not in ALWAYS_ALLOWED_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """What a server was, recorded with each nightly backup so a lost server is recreated as it was.
+
+    Attributes:
+        server: the server's name.
+        platform: the platform that took it (`local`, `azure`).
+        taken_at: when (UTC).
+        version: PostgreSQL major version.
+        version_full: the full version string, when known.
+        sku: compute tier and size (Azure: e.g. `Standard_D2ds_v5`, `GeneralPurpose`); None on local.
+        storage_gb: storage size in GiB; None on local.
+        high_availability: the high-availability mode (`Disabled`, `ZoneRedundant`, ...); None on local.
+        network: network settings (Azure: delegated subnet, private DNS zone, public access).
+        parameters: the server parameters that differ from the platform's defaults, by name, as
+            the platform sets them (Azure: `azure.extensions` among them).
+        extensions: database → extension → version, for every user database.
+        extra: platform specifics (local: which PostgreSQL installation).
+    """
+
+    server: str
+    platform: str
+    taken_at: datetime
+    version: int
+    version_full: str | None = None
+    sku: str | None = None
+    storage_gb: int | None = None
+    high_availability: str | None = None
+    network: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def age_seconds(self, now: datetime) -> float:
+        return (now - self.taken_at).total_seconds()
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["taken_at"] = self.taken_at.isoformat()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ServerSnapshot":
+        d = dict(d)
+        d["taken_at"] = datetime.fromisoformat(d["taken_at"])
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class ParameterChange:
+    """What `set_server_parameters` did."""
+
+    server: str
+    #: parameters set to a new value (name → value)
+    applied: dict[str, str]
+    #: parameters that already had the wanted value
+    unchanged: list[str]
+    #: whether the server was restarted for them (some parameters take effect only at start)
+    restarted: bool
 
 
 class ServerPlatform(abc.ABC):
@@ -122,6 +226,96 @@ class ServerPlatform(abc.ABC):
     @abc.abstractmethod
     def connection(self, name: str, database: str) -> ConnInfo:
         """Connection settings (with the admin password) for a database on a server."""
+
+    # --- what a server offers and how it is configured (restores of real databases need both) ---
+
+    def get_extension_support(self, name: str) -> ExtensionSupport:
+        """The extensions the server can create. Default: `pg_available_extensions`, no allow-list.
+
+        Platforms with an allow-list (Azure: `azure.extensions`, read through the
+        configurations API) override this and fill in `allow_list`.
+        """
+        from dr.catalog import available_extensions
+
+        info = self.get_server(name)
+        return ExtensionSupport(server=name, version=info.version,
+                                available=available_extensions(self.connection(name, "postgres")),
+                                description=f"PostgreSQL {info.version} on the {self.name} platform")
+
+    def expected_extension_support(self, snapshot: ServerSnapshot) -> ExtensionSupport:
+        """The extensions a server made by `create_server_from_snapshot(snapshot)` will offer.
+
+        Default: not known before the server exists (`available` None), allow-list as the
+        snapshot's parameters will set it where the platform has one. The restore checks again
+        once the server exists.
+        """
+        return ExtensionSupport(server=snapshot.server, version=snapshot.version, available=None)
+
+    def get_server_parameters(self, name: str) -> dict[str, str]:
+        """The server parameters that differ from the platform's defaults (name → value), as the
+        platform sets them (local: `ALTER SYSTEM`; Azure: the configurations API's user overrides),
+        without what the platform manages itself (port, archiving, recovery, TLS files).
+
+        Raises:
+            PlatformError: the platform cannot read them (the default).
+        """
+        from dr.errors import PlatformError
+
+        raise PlatformError(f"the {self.name} platform cannot read server parameters", server=name)
+
+    def set_server_parameters(self, name: str, parameters: dict[str, str], *,
+                              timeout: float = 1800) -> ParameterChange:
+        """Set server parameters; restart the server if any needs it, and wait until it is Ready.
+
+        Idempotent: parameters that already have the value are left alone, and no restart
+        happens for them.
+
+        Raises:
+            PlatformError: the platform cannot set parameters, or refused one (naming it).
+            OperationTimedOut: the change or the restart did not finish within `timeout`.
+        """
+        from dr.errors import PlatformError
+
+        raise PlatformError(f"the {self.name} platform cannot set server parameters", server=name)
+
+    def get_server_snapshot(self, name: str) -> ServerSnapshot:
+        """A snapshot of the server: version, size, network, non-default parameters, extensions.
+
+        Default: what SQL can see (no SKU, storage or network); parameters as
+        `get_server_parameters` gives them, or, where the platform cannot read them, none, with
+        `extra["parameters_unknown"]` saying why (shown in plans: never taken for "no parameters").
+        """
+        from dr.catalog import database_extensions, server_version_text
+        from dr.database import list_databases
+        from dr.errors import PlatformError
+
+        info = self.get_server(name)
+        admin = self.connection(name, "postgres")
+        extra: dict[str, str] = {}
+        try:
+            parameters = self.get_server_parameters(name)
+        except PlatformError as exc:
+            parameters, extra["parameters_unknown"] = {}, exc.message
+        return ServerSnapshot(
+            server=name, platform=self.name, taken_at=datetime.now(timezone.utc), version=info.version,
+            version_full=server_version_text(admin), parameters=parameters,
+            extensions={db: database_extensions(self.connection(name, db)) for db in list_databases(admin)},
+            extra=extra,
+        )
+
+    def create_server_from_snapshot(self, name: str, snapshot: ServerSnapshot, *, tags: dict[str, str] | None = None,
+                                    timeout: float = 1800) -> ServerInfo:
+        """Create an empty server as the snapshot describes it (version, size, network).
+
+        Parameters are not set here: `set_server_parameters(name, snapshot.parameters)` does
+        that (and any restart they need) as a step of its own. Default: `create_server` like
+        the server of the same name.
+
+        Raises:
+            ServerExists: a server of that name exists.
+            PlatformError: the platform cannot make a server of the snapshot's version.
+        """
+        return self.create_server(name, like=name, tags=tags, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -244,6 +438,48 @@ class BackupStore(abc.ABC):
     @abc.abstractmethod
     def delete_backup(self, name: str) -> None:
         """Delete a backup; succeeds if already gone."""
+
+    #: whether the store keeps holds (`hold`, `held`); retention deletes only from stores that do
+    supports_holds: bool = False
+
+    def hold(self, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
+        """Hold a backup for the duration of a `with` block, so retention will not delete it.
+
+        Args:
+            name: the backup's name.
+            holder: who holds it (an incident id or flow run id); one hold per holder and backup.
+
+        Returns:
+            A context manager; the hold is released when the block ends, however it ends.
+
+        Raises:
+            BackupError: the store keeps no holds, or the holder already holds the backup.
+            BackupNotFound: there is no such backup.
+            InvalidInput: the holder's name is not 1-64 letters, digits, '_' and '-'.
+        """
+        from dr.platforms.holds import not_supported
+
+        raise not_supported(self, name)
+
+    def held(self, name: str) -> bool:
+        """Whether a live (not stale) hold is on the backup (see `dr.platforms.holds`).
+
+        Raises:
+            BackupError: the store keeps no holds (so retention refuses to delete from it).
+        """
+        from dr.platforms.holds import not_supported
+
+        raise not_supported(self, name)
+
+    def dead_holds(self) -> list[str]:
+        """The holds whose restore provably ended (its process is gone); tidy-up removes them at once.
+
+        Default: none can be proved (a hold taken elsewhere goes stale instead).
+        """
+        return []
+
+    def release_dead_hold(self, marker: str) -> None:
+        """Remove a hold that `dead_holds` lists (idempotent); any other is left alone."""
 
     @contextlib.contextmanager
     def writer(self, name: str) -> Iterator[BackupWriter]:

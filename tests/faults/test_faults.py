@@ -839,11 +839,6 @@ class TestWorkerKilledMidScenario:
     def test_the_rerun_is_not_held_silently_by_the_killed_runs_slot(self, worker_killed_mid_scenario):
         obs = worker_killed_mid_scenario
         assert not obs["held_silently"], "the re-run waited for the killed run's slot with no end"
-        err = obs["slot_error"]
-        assert isinstance(err, EnvironmentBusy), f"the re-run was not told the environment is held: {err!r}"
-        text = str(err)
-        assert text.startswith("failed during take the recovery slot: the recovery slot dr-apply-development")
-        assert "nothing was changed by this run" in text
-        assert "prefect gcl update dr-apply-development --active-slots 0" in text
-        # the killed run is still Running as far as Prefect knows: it is named as the likely holder
-        assert any("data-loss run" in h and "incident inc-killed-worker" in h for h in err.holders), err.holders
+        # the killed run ran on this host and its process is gone: the re-run frees its slot at once
+        # (flows/common.py free_dead_holders) instead of stopping with EnvironmentBusy
+        assert obs["slot_error"] is None, f"the re-run did not free the dead run's slot: {obs['slot_error']!r}"

@@ -6,7 +6,8 @@
   operation instead of starting a second restore.
 - `azure-dropped.json`: every server this tool deleted, with its resource id, the time
   of the drop and its settings, so it can be revived (Azure keeps dropped flexible
-  servers for 5 days) or re-created with the same settings.
+  servers for 5 days) or re-created with the same settings; a revived one stays, marked
+  `revived_as`, so what it was is still known (e.g. its high availability).
 
 The directory is `$DR_AZURE_STATE_DIR`, or `~/.dr`. Writes are atomic (temporary file,
 fsync, rename) and serialised by an exclusive `flock` on a lock file, so two processes
@@ -130,3 +131,13 @@ class DroppedLog:
     def remove(self, resource_id: str, dropped_at: str) -> None:
         self.record.update(lambda doc: [e for e in doc if not (
             e.get("resource_id", "").lower() == resource_id.lower() and e.get("dropped_at") == dropped_at)])
+
+    def mark_revived(self, resource_id: str, dropped_at: str, as_name: str) -> None:
+        """Note that a drop was revived (as `as_name`): no longer revivable, its settings still known."""
+        def change(doc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            for e in doc:
+                if e.get("resource_id", "").lower() == resource_id.lower() and e.get("dropped_at") == dropped_at:
+                    e["revived_as"] = as_name
+            return doc
+
+        self.record.update(change)

@@ -1,17 +1,9 @@
-"""Azure Database for PostgreSQL flexible servers behind `ServerPlatform`.
+"""Azure Database for PostgreSQL flexible servers behind `ServerPlatform`: the servers' lifecycle.
 
-Every call goes through the management SDK (`azure-mgmt-postgresqlflexibleservers`),
-whose pipeline retries throttling (429) and transient 5xx answers and honours
-`Retry-After` (azure-core's `RetryPolicy`, configured here, never hand-rolled); a 4xx
-validation error is never retried. SDK errors are raised as the tool's own errors:
-404 `ServerNotFound`, 409 `ServerExists` or `PlatformError`, 429/5xx after the retries
-`TransientPlatformError`, anything else `PlatformError` with Azure's code and message.
-
-Creating a server (restore, revive, re-create) is a long-running operation. Its
-continuation token is written to a small JSON file as soon as Azure accepts it
-(`_state.OperationLog`), and every operation waits with a stated timeout, logging its
-progress: `OperationTimedOut` leaves the operation running and recorded, and running
-the same command again re-attaches to it instead of starting a second one.
+Every call goes through the management SDK (`azure-mgmt-postgresqlflexibleservers`); its
+client, retry policy and the mapping of its errors to ours are in `_arm.py`. Creating,
+deleting and starting a server are long-running operations, recorded and re-attached to
+by `operations.py`; the read-only checks before a recovery are in `preflight.py`.
 
 Dropped servers: Azure keeps a deleted flexible server for 5 days and can revive it
 (`createMode=ReviveDropped`). Azure itself only tells of the drop through the activity
@@ -28,15 +20,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from azure.core.exceptions import (
-    AzureError,
-    ClientAuthenticationError,
-    HttpResponseError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
-from azure.core.pipeline.policies import RetryPolicy
-from azure.core.polling import LROPoller
 from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
 from azure.mgmt.postgresqlflexibleservers import models as pg
 
@@ -50,9 +33,24 @@ from dr.errors import (
     PlatformError,
     ServerExists,
     ServerNotFound,
-    TransientPlatformError,
+)
+from dr.platforms.azure._arm import (
+    EPOCH,
+    PROVIDER_PATH,
+    SDK_ERRORS,
+    arm_error,
+    as_utc,
+    aware,
+    build_management_client,
+    utcnow,
+    value_of,
 )
 from dr.platforms.azure._state import DroppedLog, OperationLog, default_state_dir
+from dr.platforms.azure.configurations import ServerConfigurations
+from dr.platforms.azure.firewall import FirewallRules, is_public
+from dr.platforms.azure.operations import ServerOperations
+from dr.platforms.azure.preflight import NEEDED_ACTIONS, AzurePreflight
+from dr.platforms.azure.snapshots import SnapshotsAndParameters
 from dr.platforms.base import (
     TAG_CREATED_BY,
     TAG_CREATED_BY_VALUE,
@@ -65,6 +63,8 @@ from dr.platforms.base import (
     ServerPlatform,
 )
 
+__all__ = ["AzureServers", "build_management_client"]
+
 log = logging.getLogger("dr.azure.servers")
 
 PASSWORD_ENV = "DR_AZURE_PG_PASSWORD"
@@ -72,36 +72,9 @@ PG_PORT = 5432
 REVIVE_WINDOW = timedelta(days=5)
 #: Azure can restore up to a few minutes before now; ask for no later than this.
 RESTORE_LAG = timedelta(minutes=5)
-#: A recorded operation for other parameters older than this is taken as abandoned.
-STALE_OPERATION = timedelta(days=1)
 TAG_REVIVED_FROM = "dr-revived-from-drop-utc"
-PROVIDER_PATH = "providers/Microsoft.DBforPostgreSQL/flexibleServers"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_TRANSITIONAL = {"Provisioning", "Starting", "Updating", "Restarting"}
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _value(v: Any) -> Any:
-    """The plain value of an SDK enum member (which is also a `str`), or `v` itself."""
-    return getattr(v, "value", v)
-
-
-def _as_utc(when: datetime, what: str = "the restore time") -> datetime:
-    if not isinstance(when, datetime):
-        raise InvalidRestoreTime(f"{what} must be a datetime, not {type(when).__name__}")
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise InvalidRestoreTime(f"{what} must carry a time zone (UTC), got the naive time {when.isoformat()}")
-    return when.astimezone(timezone.utc)
-
-
-def _aware(when: datetime | None) -> datetime | None:
-    """`when` in UTC (a naive time from Azure is UTC)."""
-    if when is None:
-        return None
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+#: states a server passes through on its way to Ready (or Stopped): waited for, never taken as ready
+_TRANSITIONAL = {"Provisioning", "Starting", "Stopping", "Updating", "Restarting"}
 
 
 def _settings_of(server: pg.Server) -> dict[str, Any]:
@@ -112,7 +85,7 @@ def _settings_of(server: pg.Server) -> dict[str, Any]:
     return {
         "location": server.location,
         "sku": rest(server.sku),
-        "version": _value(server.version),
+        "version": value_of(server.version),
         "storage": rest(server.storage),
         "network": rest(server.network),
         "backup": rest(server.backup),
@@ -133,32 +106,7 @@ def _network_to_copy(network: dict[str, Any] | pg.Network | None) -> pg.Network 
     return pg.Network(keep) if keep else None
 
 
-def build_management_client(credential: Any, subscription_id: str, *, base_url: str | None = None,
-                            polling_interval: float = 30, retry_total: int = 6, retry_backoff_factor: float = 1.0,
-                            retry_backoff_max: float = 60, **client_kwargs: Any) -> PostgreSQLManagementClient:
-    """The management client with this tool's retry policy.
-
-    Args:
-        credential: an azure-identity credential (built by the caller, at the edge).
-        subscription_id: the subscription that holds the servers.
-        base_url: the ARM endpoint; None for the public cloud's.
-        polling_interval: seconds between polls of a long-running operation when Azure
-            sends no `Retry-After`.
-        retry_total: how many times a throttled (429) or transient (408/5xx) answer is retried.
-        retry_backoff_factor: the exponential back-off base, in seconds, when Azure sends
-            no `Retry-After` (which is always honoured).
-        retry_backoff_max: the longest back-off between two tries, in seconds.
-        **client_kwargs: passed to the SDK client (e.g. `connection_verify`, `transport`).
-    """
-    client_kwargs.setdefault("connection_timeout", 30)
-    client_kwargs.setdefault("read_timeout", 120)
-    retry = RetryPolicy(retry_total=retry_total, retry_backoff_factor=retry_backoff_factor,
-                        retry_backoff_max=retry_backoff_max)
-    return PostgreSQLManagementClient(credential, subscription_id, base_url=base_url,
-                                      polling_interval=polling_interval, retry_policy=retry, **client_kwargs)
-
-
-class AzureServers(ServerPlatform):
+class AzureServers(SnapshotsAndParameters, ServerPlatform):
     """`ServerPlatform` on Azure Database for PostgreSQL flexible servers in one resource group.
 
     Args:
@@ -188,6 +136,10 @@ class AzureServers(ServerPlatform):
         self.operations = OperationLog(self.state_dir)
         self.dropped = DroppedLog(self.state_dir)
         self.progress_interval = progress_interval
+        self.ops = ServerOperations(client, resource_group, self.resource_id, self.operations,
+                                    state_of=self._state_of, progress_interval=progress_interval)
+        self.firewall = FirewallRules(client, resource_group, self.ops)
+        self.configurations = ServerConfigurations(client, resource_group, self.ops)
 
     def __repr__(self) -> str:
         return f"AzureServers(resource_group={self.resource_group!r})"
@@ -199,50 +151,13 @@ class AzureServers(ServerPlatform):
         return f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}/{PROVIDER_PATH}/{name}"
 
     def _error(self, exc: Exception, *, server: str | None, doing: str) -> DrError:
-        """Our error for an SDK failure (the caller chains it with `from exc`).
-
-        Args:
-            exc: what the SDK raised.
-            server: the server concerned, if any.
-            doing: what was being done, as a noun phrase ("reading server 'x'").
-        """
-        first_line = (getattr(exc, "message", None) or str(exc)).splitlines()[0]
-        if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
-            return PlatformError(
-                f"{doing} failed: cannot get an Azure token ({first_line}); sign in (`az login`), or set the "
-                "AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET or workload identity variables",
-                server=server)
-        if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-            return TransientPlatformError(f"{doing} failed: could not reach Azure ({first_line})", server=server)
-        if isinstance(exc, HttpResponseError):
-            status = exc.status_code or 0
-            err = exc.error
-            code = (err.code if err is not None else None) or ""
-            text = (err.message if err is not None else None) or exc.reason or first_line
-            detail = f"{code}: {text}" if code else str(text)
-            if status == 404:
-                return ServerNotFound(f"server '{server}' does not exist in resource group "
-                                      f"'{self.resource_group}' ({detail})", server=server)
-            if status == 409 and "exist" in code.lower():
-                return ServerExists(f"{doing} failed: server '{server}' already exists ({detail})", server=server)
-            if status in (408, 429) or status >= 500:
-                return TransientPlatformError(f"{doing} failed after retries: Azure answered HTTP {status} ({detail})",
-                                              server=server)
-            if status in (401, 403):
-                return PlatformError(
-                    f"{doing} was not allowed (HTTP {status}, {detail}); the identity needs the roles listed "
-                    f"in docs/azure.md on resource group '{self.resource_group}'", server=server)
-            if status < 400:  # a long-running operation that ended as Failed or Canceled
-                return PlatformError(f"{doing} failed in Azure: {first_line}", server=server)
-            return PlatformError(f"{doing} was refused by Azure (HTTP {status}, {detail})", server=server)
-        if isinstance(exc, AzureError):
-            return PlatformError(f"{doing} failed: {first_line}", server=server)
-        return PlatformError(f"{doing} failed unexpectedly: {exc}", server=server)
+        """Our error for an SDK failure (the caller chains it with `from exc`)."""
+        return arm_error(exc, server=server, doing=doing, resource_group=self.resource_group)
 
     def _get(self, name: str) -> pg.Server:
         try:
             return self.client.servers.get(self.resource_group, name)
-        except (HttpResponseError, AzureError) as exc:
+        except SDK_ERRORS as exc:
             raise self._error(exc, server=name, doing=f"reading server '{name}'") from exc
 
     def _find(self, name: str) -> pg.Server | None:
@@ -251,12 +166,20 @@ class AzureServers(ServerPlatform):
         except ServerNotFound:
             return None
 
+    def _state_of(self, name: str) -> str:
+        """The server's state as Azure reports it, for people ("gone" when it does not exist)."""
+        try:
+            s = self._find(name)
+        except DrError as exc:
+            return f"state unknown: {exc.message}"
+        return str(value_of(s.state)) if s is not None else "gone"
+
     def _info(self, s: pg.Server) -> ServerInfo:
-        version = str(_value(s.version) or "0").split(".")[0]
-        created = _aware(s.system_data.created_at) if s.system_data and s.system_data.created_at else _EPOCH
+        version = str(value_of(s.version) or "0").split(".")[0]
+        created = aware(s.system_data.created_at) if s.system_data and s.system_data.created_at else EPOCH
         return ServerInfo(
             name=s.name or "",
-            state=str(_value(s.state) or "Unknown"),
+            state=str(value_of(s.state) or "Unknown"),
             version=int(version) if version.isdigit() else 0,
             host=s.fully_qualified_domain_name or "",
             port=PG_PORT,
@@ -272,113 +195,17 @@ class AzureServers(ServerPlatform):
         register_secret(password)
         return password
 
-    # --- long-running operations ----------------------------------------------------
-
-    def _wait(self, poller: LROPoller, *, what: str, server: str, timeout: float) -> Any:
-        """Wait for an operation with a deadline, logging progress; raises our errors."""
-        start = time.monotonic()
-        deadline = start + timeout
-        try:
-            while not poller.done():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise OperationTimedOut(
-                        f"{what} did not finish within {timeout:g} s (Azure status: {poller.status()})",
-                        server=server,
-                        world_state=f"Azure is still working on it; the operation is recorded in "
-                                    f"{self.operations.path}",
-                        resume_hint="run the same command again: it re-attaches to the running operation",
-                    )
-                poller.wait(min(remaining, self.progress_interval))
-                if not poller.done():
-                    log.info("%s: still %s after %.0f s (timeout %.0f s)", what, poller.status(),
-                             time.monotonic() - start, timeout)
-            return poller.result()
-        except (HttpResponseError, AzureError) as exc:
-            raise self._error(exc, server=server, doing=what) from exc
-
-    def _record(self, name: str, poller: LROPoller, operation: str, fingerprint: dict[str, Any]) -> None:
-        self.operations.put(self.resource_id(name), {
-            "operation": operation,
-            "fingerprint": fingerprint,
-            "server": name,
-            "token": poller.continuation_token(),
-            "started_at": utcnow().isoformat(),
-        })
-
-    def _reattach(self, name: str, operation: str, fingerprint: dict[str, Any]) -> LROPoller | None:
-        """The poller of a recorded operation for the same request, or None when there is none.
-
-        Raises:
-            ServerExists: a recent operation for OTHER parameters is recorded for this server.
-        """
-        rid = self.resource_id(name)
-        entry = self.operations.get(rid)
-        if not entry:
-            return None
-        if entry.get("operation") != operation or entry.get("fingerprint") != fingerprint:
-            started = datetime.fromisoformat(entry["started_at"])
-            if utcnow() - started > STALE_OPERATION:
-                log.warning("forgetting the %s of %s recorded at %s: it is older than %s", entry.get("operation"),
-                            name, entry["started_at"], STALE_OPERATION)
-                self.operations.remove(rid)
-                return None
-            raise ServerExists(
-                f"server '{name}' has another unfinished operation ({entry.get('operation')} "
-                f"{entry.get('fingerprint')}, started {entry['started_at']})",
-                server=name, world_state=f"that operation is recorded in {self.operations.path}",
-                resume_hint="re-run the command that started it, or choose another server name")
-        log.info("re-attaching to the %s of %s started at %s", operation, name, entry["started_at"])
-        try:
-            if operation == "delete":
-                return self.client.servers.begin_delete(self.resource_group, name, continuation_token=entry["token"])
-            return self.client.servers.begin_create_or_update(self.resource_group, name, {},
-                                                              continuation_token=entry["token"])
-        except (HttpResponseError, AzureError, ValueError) as exc:
-            log.warning("cannot re-attach to the recorded %s of %s (%s); forgetting it", operation, name, exc)
-            self.operations.remove(rid)
-            return None
-
-    def _finish_recorded(self, name: str, operation: str, fingerprint: dict[str, Any], what: str,
-                         timeout: float) -> bool:
-        """Re-attach to and finish a recorded operation; False when there was none to finish."""
-        poller = self._reattach(name, operation, fingerprint)
-        if poller is None:
-            return False
-        rid = self.resource_id(name)
-        try:
-            self._wait(poller, what=what, server=name, timeout=timeout)
-        except ServerNotFound:
-            # the operation's status URL is gone (expired): fall back to looking at the server
-            log.warning("the recorded %s of %s is no longer known to Azure; forgetting it", operation, name)
-            self.operations.remove(rid)
-            return False
-        except OperationTimedOut:
-            raise
-        except DrError:
-            self.operations.remove(rid)
-            raise
-        self.operations.remove(rid)
-        return True
+    # --- creating servers -------------------------------------------------------------
 
     def _create(self, name: str, body: pg.Server, *, operation: str, fingerprint: dict[str, Any], what: str,
                 timeout: float) -> ServerInfo:
         """Start a server-creating operation, record it at once, and wait for it."""
-        rid = self.resource_id(name)
-        try:
-            poller = self.client.servers.begin_create_or_update(self.resource_group, name, body)
-        except (HttpResponseError, AzureError) as exc:
-            raise self._error(exc, server=name, doing=what) from exc
-        self._record(name, poller, operation, fingerprint)
-        log.info("%s: accepted by Azure; waiting up to %.0f s", what, timeout)
-        try:
-            self._wait(poller, what=what, server=name, timeout=timeout)
-        except OperationTimedOut:
-            raise
-        except DrError:
-            self.operations.remove(rid)
-            raise
-        self.operations.remove(rid)
+        deadline = time.monotonic() + timeout
+        poller = self.ops.start(
+            name, lambda: self.client.servers.begin_create_or_update(self.resource_group, name, body),
+            operation=operation, fingerprint=fingerprint, what=what, timeout=timeout)
+        log.info("%s: accepted by Azure; waiting up to %.0f s", what, deadline - time.monotonic())
+        self.ops.finish(name, poller, what=what, timeout=max(0.0, deadline - time.monotonic()), budget=timeout)
         return self.get_server(name)
 
     def _create_idempotently(self, name: str, *, operation: str, fingerprint: dict[str, Any],
@@ -386,7 +213,7 @@ class AzureServers(ServerPlatform):
                              what: str, timeout: float) -> ServerInfo:
         """Re-attach, or reuse a matching server, or else create one; never two operations."""
         # 1. an operation for this very request recorded by an earlier run: finish it
-        if self._finish_recorded(name, operation, fingerprint, what, timeout):
+        if self.ops.finish_recorded(name, operation, fingerprint, what, timeout):
             return self._ensure_ready(self.get_server(name), timeout)
         # 2. the server exists: reuse it only when its tags say it is what was asked for
         existing = self._find(name)
@@ -410,9 +237,7 @@ class AzureServers(ServerPlatform):
             raise
 
     def _ensure_ready(self, info: ServerInfo, timeout: float) -> ServerInfo:
-        """Start a stopped server, or wait for one that is still being made."""
-        if info.state == "Stopped":
-            return self.start_server(info.name, timeout=timeout)
+        """Wait for a server that is between states (being made, stopped, updated...), then start it if Stopped."""
         deadline = time.monotonic() + timeout
         while info.state in _TRANSITIONAL:
             if time.monotonic() >= deadline:
@@ -421,7 +246,48 @@ class AzureServers(ServerPlatform):
             time.sleep(min(self.progress_interval, max(0.0, deadline - time.monotonic())))
             info = self.get_server(info.name)
             log.info("server %s is %s", info.name, info.state)
+        if info.state == "Stopped":
+            return self.start_server(info.name, timeout=max(0.0, deadline - time.monotonic()))
         return info
+
+    def _carry_firewall_rules(self, source: str, new: str, *, recorded: dict[str, Any] | None = None,
+                              timeout: float) -> None:
+        """Copy the firewall rules of a public-access `source` onto `new` (Azure makes it without any).
+
+        Args:
+            source: the server replaced or restored.
+            new: the server made in its place.
+            recorded: the settings recorded when this tool dropped `source` (its rules among them).
+            timeout: seconds to wait for Azure.
+        """
+        live = self._find(source) if recorded is None else None
+        settings = _settings_of(live) if live is not None else (recorded or {})
+        if not is_public(settings.get("network")) or settings.get("network") is None:
+            return
+        rules = self.firewall.list(source) if live is not None else settings.get("firewallRules")
+        if rules is None:
+            log.warning("the firewall rules of %s are not known (not recorded when it was dropped); %s has none: "
+                        "add the app's addresses to it", source, new)
+            return
+        self.firewall.copy(rules, new, timeout=timeout)
+
+    def follow_ups(self, name: str, *, like: str) -> list[str]:
+        """What a person must still do on server `name`, made in place of `like`, that the tool does not.
+
+        Azure makes a restored, revived or geo-restored server without high availability: when
+        `like` had it, it has to be enabled again (it needs a standby and is billed as such).
+        """
+        try:
+            had = (self._template_settings(like).get("highAvailability") or {}).get("mode") or "Disabled"
+        except ServerNotFound:
+            return []
+        now = self._get(name).high_availability
+        mode = str(value_of(now.mode)) if now is not None and now.mode else "Disabled"
+        if had != "Disabled" and mode == "Disabled":
+            return [f"high availability: {like} had {had}; {name} has none. Enable it again once the service is back: "
+                    f"az postgres flexible-server update --resource-group {self.resource_group} --name {name} "
+                    f"--high-availability {had}"]
+        return []
 
     # --- ServerPlatform -------------------------------------------------------------
 
@@ -433,31 +299,33 @@ class AzureServers(ServerPlatform):
         """Every flexible server in the resource group."""
         try:
             return [self._info(s) for s in self.client.servers.list_by_resource_group(self.resource_group)]
-        except (HttpResponseError, AzureError) as exc:
+        except SDK_ERRORS as exc:
             doing = f"listing the servers of resource group '{self.resource_group}'"
             raise self._error(exc, server=None, doing=doing) from exc
 
     def start_server(self, name: str, *, timeout: float = 1800) -> ServerInfo:
         """Start a stopped server and wait until it is ready."""
         what = f"start of server '{name}'"
-        try:
-            poller = self.client.servers.begin_start(self.resource_group, name)
-        except (HttpResponseError, AzureError) as exc:
-            raise self._error(exc, server=name, doing=what) from exc
-        self._wait(poller, what=what, server=name, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        poller = self.ops.begin(name, lambda: self.client.servers.begin_start(self.resource_group, name), what=what,
+                                timeout=timeout)
+        self.ops.wait(poller, what=what, server=name, timeout=max(0.0, deadline - time.monotonic()), budget=timeout)
         return self.get_server(name)
+
+    def _recorded_settings(self, name: str) -> dict[str, Any] | None:
+        """The settings of server `name` as recorded when this tool last dropped it, if it did."""
+        recorded = [e for e in self.dropped.entries() if e.get("name") == name and e.get("settings")]
+        return max(recorded, key=lambda e: e["dropped_at"])["settings"] if recorded else None
 
     def _template_settings(self, name: str) -> dict[str, Any]:
         """The settings of a server: live when it exists, else as recorded when this tool dropped it."""
         live = self._find(name)
         if live is not None:
             return _settings_of(live)
-        recorded = [e for e in self.dropped.entries() if e.get("name") == name and e.get("settings")]
-        if recorded:
-            newest = max(recorded, key=lambda e: e["dropped_at"])
-            log.info("server %s is gone; using the settings recorded when it was dropped at %s", name,
-                     newest["dropped_at"])
-            return newest["settings"]
+        recorded = self._recorded_settings(name)
+        if recorded is not None:
+            log.info("server %s is gone; using the settings recorded when it was dropped", name)
+            return recorded
         raise ServerNotFound(f"server '{name}' does not exist and no settings of it are recorded in "
                              f"{self.dropped.path}", server=name)
 
@@ -499,9 +367,13 @@ class AzureServers(ServerPlatform):
             return pg.Server(location=s["location"], tags={**copied, **(tags or {})},
                              sku=pg.Sku(s["sku"]) if s.get("sku") else None, properties=props)
 
-        return self._create_idempotently(name, operation="create", fingerprint=fingerprint, matches=lambda i: False,
+        info = self._create_idempotently(name, operation="create", fingerprint=fingerprint, matches=lambda i: False,
                                          build=build, what=f"creation of server '{name}' like '{template}'",
                                          timeout=timeout)
+        live = self._find(template)
+        self._carry_firewall_rules(template, name, recorded=None if live else self._template_settings(template),
+                                   timeout=timeout)
+        return info
 
     def delete_server(self, name: str, *, force: bool = False, timeout: float = 1800) -> None:
         """Delete (drop) a server; succeeds if it is already gone.
@@ -516,13 +388,26 @@ class AzureServers(ServerPlatform):
             PlatformError: the server was not created by this tool and `force` is not set.
         """
         what = f"deletion of server '{name}'"
-        recorded = self.operations.get(self.resource_id(name))
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        recorded = self.ops.recorded(name)
         if recorded and recorded.get("operation") != "delete":
-            # e.g. a restore that timed out and is now being tidied up: the deletion supersedes it
-            log.warning("forgetting the unfinished %s of %s: the server is being deleted", recorded.get("operation"),
-                        name)
-            self.operations.remove(self.resource_id(name))
-        if self._finish_recorded(name, "delete", {}, what, timeout):
+            # e.g. a restore that timed out and is now being tidied up: Azure refuses a delete until it has ended
+            log.info("%s: waiting for the unfinished %s of %s (started %s) to end first", what,
+                     recorded.get("operation"), name, recorded.get("started_at"))
+            try:
+                self.ops.finish_recorded(name, recorded["operation"], recorded.get("fingerprint") or {},
+                                         f"the unfinished {recorded.get('operation')} of {name}", left())
+            except OperationTimedOut as exc:
+                raise exc.annotate(world_state=f"nothing was deleted: {name} is still being made",
+                                   resume_hint="run the same command again later") from None
+            except DrError as exc:  # it failed: whatever it left is deleted below
+                log.warning("the unfinished %s of %s ended in failure (%s); deleting what is left",
+                            recorded.get("operation"), name, exc)
+        if self.ops.finish_recorded(name, "delete", {}, what, left()):
             return
         s = self._find(name)
         if s is None:
@@ -533,27 +418,33 @@ class AzureServers(ServerPlatform):
             raise PlatformError(
                 f"refusing to delete server '{name}': it was not created by this tool (no tag "
                 f"{TAG_CREATED_BY}={TAG_CREATED_BY_VALUE}); pass force=True to delete it anyway", server=name)
+        settings = _settings_of(s)
+        if is_public(settings.get("network")):  # Azure does not keep them: recorded for a revive or re-creation
+            settings["firewallRules"] = self.firewall.list(name)
+        asked = utcnow()
         try:
-            poller = self.client.servers.begin_delete(self.resource_group, name)
-        except (HttpResponseError, AzureError) as exc:
-            if isinstance(exc, HttpResponseError) and exc.status_code == 404:
-                return
-            raise self._error(exc, server=name, doing=what) from exc
-        self._record(name, poller, "delete", {})
-        dropped = {"name": name, "resource_id": s.id or self.resource_id(name), "dropped_at": utcnow().isoformat(),
-                   "settings": _settings_of(s)}
+            poller = self.ops.start(name, lambda: self.client.servers.begin_delete(self.resource_group, name),
+                                    operation="delete", fingerprint={}, what=what, timeout=left())
+        except ServerNotFound:
+            return  # gone between the look and the delete
+        status, submitted = self.ops.answer_of(poller)
+        if status == 204:  # the spec's answer for a server that is not there: nothing was dropped
+            self.ops.forget(name)
+            log.info("server %s was already gone when the deletion reached Azure", name)
+            return
+        # the drop's time is its submission, as Azure's activity log has it (Azure's clock, from its answer)
+        dropped = {"name": name, "resource_id": s.id or self.resource_id(name),
+                   "dropped_at": (submitted or asked).astimezone(timezone.utc).isoformat(), "settings": settings}
         self.dropped.add(dropped)
         try:
-            self._wait(poller, what=what, server=name, timeout=timeout)
+            self.ops.finish(name, poller, what=what, timeout=left(), budget=timeout)
         except ServerNotFound:
             pass  # gone while we looked
         except OperationTimedOut:
             raise
         except DrError:
-            self.operations.remove(self.resource_id(name))
             self.dropped.remove(dropped["resource_id"], dropped["dropped_at"])
             raise
-        self.operations.remove(self.resource_id(name))
         log.info("dropped server %s (revivable until %s)", name, utcnow() + REVIVE_WINDOW)
 
     def list_dropped_servers(self) -> list[DroppedServer]:
@@ -561,17 +452,48 @@ class AzureServers(ServerPlatform):
         now = utcnow()
         out = []
         for e in self.dropped.entries():
+            if e.get("revived_as"):
+                continue
             at = datetime.fromisoformat(e["dropped_at"])
             if at + REVIVE_WINDOW >= now:
                 out.append(DroppedServer(e["name"], at, at + REVIVE_WINDOW, e["resource_id"]))
         return sorted(out, key=lambda d: d.dropped_at, reverse=True)
 
-    def revive_dropped_server(self, name: str, *, resource_id: str | None = None, dropped_at: datetime | None = None,
-                              location: str | None = None, timeout: float = 1800) -> ServerInfo:
+    def name_available(self, name: str, *, location: str | None = None) -> tuple[bool, str]:
+        """Whether Azure would give `name` to a new server now, and Azure's word when not.
+
+        Server names are global, and a dropped server's name stays taken while Azure keeps it
+        for revival (Microsoft: revive it "with a different name"); `checkNameAvailability` says so.
+
+        Args:
+            name: the server name.
+            location: the region to ask in (default: the target's server's, live or as recorded).
+        """
+        if location is None:
+            try:
+                location = self._template_settings(self.default_template or name)["location"]
+            except ServerNotFound:
+                location = None
+        request = pg.CheckNameAvailabilityRequest(name=name, type="Microsoft.DBforPostgreSQL/flexibleServers")
+        try:
+            answer = (self.client.name_availability.check_with_location(location, request) if location
+                      else self.client.name_availability.check_globally(request))
+        except SDK_ERRORS as exc:
+            raise self._error(exc, server=name, doing=f"asking Azure whether the name '{name}' is free") from exc
+        if answer.name_available:
+            return True, f"Azure would give the name '{name}' to a new server"
+        return False, answer.message or f"Azure will not give the name '{name}' to a new server ({answer.reason})"
+
+    def revive_dropped_server(self, name: str, *, new_name: str | None = None, resource_id: str | None = None,
+                              dropped_at: datetime | None = None, location: str | None = None,
+                              timeout: float = 1800) -> ServerInfo:
         """Bring back a dropped server with all its data (`createMode=ReviveDropped`).
 
         Args:
-            name: the server to bring back (it gets its old name).
+            name: the dropped server to bring back.
+            new_name: the name the revived server gets (default `name`). Azure keeps a dropped
+                server's name while it can be revived, and Microsoft's instructions revive it
+                under a different one (see `name_available`).
             resource_id: the dropped server's resource id, for a server this tool did not
                 drop (find it in the resource group's activity log); default: the newest
                 drop of `name` recorded by this tool.
@@ -583,8 +505,8 @@ class AzureServers(ServerPlatform):
             ServerNotFound: no such dropped server within the 5-day window.
             ServerExists: a different server of that name exists.
         """
-        entries = [e for e in self.dropped.entries()
-                   if (e["resource_id"].lower() == resource_id.lower() if resource_id else e["name"] == name)]
+        entries = [e for e in self.dropped.entries() if not e.get("revived_as")
+                   and (e["resource_id"].lower() == resource_id.lower() if resource_id else e["name"] == name)]
         entry = max(entries, key=lambda e: e["dropped_at"]) if entries else None
         if entry is None:
             if resource_id is None:
@@ -600,7 +522,7 @@ class AzureServers(ServerPlatform):
                 except ServerNotFound as exc:
                     raise InvalidInput(f"cannot tell the region of dropped server '{name}': pass location=") from exc
             entry = {"name": name, "resource_id": resource_id, "settings": {"location": region},
-                     "dropped_at": _as_utc(dropped_at, "dropped_at").isoformat()}
+                     "dropped_at": as_utc(dropped_at, "dropped_at").isoformat()}
         at = datetime.fromisoformat(entry["dropped_at"])
         if at + REVIVE_WINDOW < utcnow():
             raise ServerNotFound(f"server '{name}' was dropped at {at.isoformat()}, more than "
@@ -619,11 +541,14 @@ class AzureServers(ServerPlatform):
             tags = {**(settings.get("tags") or {}), TAG_REVIVED_FROM: at.isoformat()}
             return pg.Server(location=location or settings["location"], tags=tags, properties=props)
 
+        target = new_name or name
         info = self._create_idempotently(
-            name, operation="revive", fingerprint={"resource_id": rid, "dropped_at": at.isoformat()},
+            target, operation="revive", fingerprint={"resource_id": rid, "dropped_at": at.isoformat()},
             matches=lambda i: i.tags.get(TAG_REVIVED_FROM) == at.isoformat(), build=build,
-            what=f"revive of dropped server '{name}' (dropped {at.isoformat()})", timeout=timeout)
-        self.dropped.remove(rid, entry["dropped_at"])
+            what=f"revive of dropped server '{name}' (dropped {at.isoformat()})"
+                 + (f" as '{target}'" if target != name else ""), timeout=timeout)
+        self._carry_firewall_rules(name, target, recorded=settings, timeout=timeout)
+        self.dropped.mark_revived(rid, entry["dropped_at"], target)
         return info
 
     def get_restore_window(self, name: str) -> RestoreWindow:
@@ -631,7 +556,7 @@ class AzureServers(ServerPlatform):
         return self._window_of(self._get(name))
 
     def _window_of(self, s: pg.Server) -> RestoreWindow:
-        earliest = _aware(s.backup.earliest_restore_date) if s.backup else None
+        earliest = aware(s.backup.earliest_restore_date) if s.backup else None
         if earliest is None:
             raise PlatformError(f"Azure reports no restore point for server '{s.name}' yet (a new server has none "
                                 "until its first backup)", server=s.name)
@@ -666,7 +591,7 @@ class AzureServers(ServerPlatform):
             ServerExists: `new_name` exists and is something else.
             OperationTimedOut: Azure did not finish in time; the operation goes on and is recorded.
         """
-        target = _as_utc(point_in_time_utc)
+        target = as_utc(point_in_time_utc)
         stamp = target.isoformat()
         what = f"point-in-time restore of '{source}' at {stamp} to '{new_name}'"
 
@@ -681,10 +606,37 @@ class AzureServers(ServerPlatform):
             return self._restore_body(src, pg.CreateMode.POINT_IN_TIME_RESTORE, target, all_tags,
                                       network=_network_to_copy(src.network))
 
-        return self._create_idempotently(
+        info = self._create_idempotently(
             new_name, operation="point-in-time-restore", fingerprint={"source": source, "point_in_time_utc": stamp},
             matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
             build=build, what=what, timeout=timeout)
+        self._carry_firewall_rules(source, new_name, timeout=timeout)
+        return info
+
+    def geo_restore_refusals(self, source: str, *, location: str, delegated_subnet_resource_id: str | None = None,
+                             private_dns_zone_arm_resource_id: str | None = None) -> list[str]:
+        """Why a geo-restore of `source` with these settings cannot work (empty: it can), read-only.
+
+        Microsoft's rules: the source must have been created with geo-redundant backups (it
+        cannot be turned on later), and a server with private access needs a delegated subnet
+        and a private DNS zone in the target region for the new server.
+        """
+        s = self._template_settings(source)
+        out = []
+        geo = (s.get("backup") or {}).get("geoRedundantBackup")
+        if geo != "Enabled":
+            out.append(f"server '{source}' has no geo-redundant backups (backup.geoRedundantBackup is {geo or 'unset'}): "
+                       "Azure keeps no copy in the paired region to restore from, and the setting can only be chosen "
+                       "when a server is created")
+        if (s.get("network") or {}).get("delegatedSubnetResourceId"):
+            missing = [what for what, given in (("a delegated subnet (geo_restore.delegated_subnet_resource_id)",
+                                                 delegated_subnet_resource_id),
+                                                ("a private DNS zone (geo_restore.private_dns_zone_arm_resource_id)",
+                                                 private_dns_zone_arm_resource_id)) if not given]
+            if missing:
+                out.append(f"server '{source}' uses private access (a virtual network): a geo-restored server in "
+                           f"{location} needs {' and '.join(missing)} there")
+        return out
 
     def geo_restore(self, source: str, new_name: str, *, location: str, point_in_time_utc: datetime | None = None,
                     delegated_subnet_resource_id: str | None = None,
@@ -692,115 +644,68 @@ class AzureServers(ServerPlatform):
                     tags: dict[str, str] | None = None, timeout: float = 3600) -> ServerInfo:
         """Restore `source` from its geo-redundant backup onto a new server in another region.
 
+        Azure restores the latest geo-replicated backup: there is no time to choose, so none is
+        tagged and a re-run (same source, name and region) re-attaches to the running operation
+        or reuses the server it made.
+
         Args:
             source: the server to restore (created with geo-redundant backups).
             new_name: the server to create.
             location: the region of the new server (the source's paired region).
-            point_in_time_utc: the time to restore to (default: now; Azure takes the latest
-                geo-replicated backup).
+            point_in_time_utc: must be None: a geo-restore has no point-in-time choice.
             delegated_subnet_resource_id: the subnet, in that region, for a VNet server.
             private_dns_zone_arm_resource_id: the private DNS zone for a VNet server.
             tags: extra tags for the new server.
             timeout: seconds to wait for Azure.
+
+        Raises:
+            InvalidInput: a time was given, or a rule of `geo_restore_refusals` is broken
+                (checked before anything is sent).
         """
-        target = _as_utc(point_in_time_utc) if point_in_time_utc else utcnow().replace(microsecond=0)
-        stamp = target.isoformat()
+        if point_in_time_utc is not None:
+            raise InvalidInput("a geo-restore takes the latest geo-replicated backup: no restore time can be chosen "
+                               "(for a point in time, restore in the server's own region)")
         network = None
         if delegated_subnet_resource_id or private_dns_zone_arm_resource_id:
             network = pg.Network(delegated_subnet_resource_id=delegated_subnet_resource_id,
                                  private_dns_zone_arm_resource_id=private_dns_zone_arm_resource_id)
 
         def build() -> pg.Server:
+            refusals = self.geo_restore_refusals(source, location=location,
+                                                 delegated_subnet_resource_id=delegated_subnet_resource_id,
+                                                 private_dns_zone_arm_resource_id=private_dns_zone_arm_resource_id)
+            if refusals:
+                raise InvalidInput(f"geo-restore of '{source}' to {location} is not possible: {'; '.join(refusals)}")
             src = self._get(source)
             all_tags = {**(tags or {}), TAG_CREATED_BY: TAG_CREATED_BY_VALUE, TAG_PURPOSE: "geo-restore",
-                        TAG_SOURCE: source, TAG_RESTORE_TIME: stamp}
-            return self._restore_body(src, pg.CreateMode.GEO_RESTORE, target, all_tags, location=location,
-                                      network=network)
+                        TAG_SOURCE: source}
+            # Azure's API wants a time; the request's own is sent, and the latest geo-backup is what comes back
+            return self._restore_body(src, pg.CreateMode.GEO_RESTORE, utcnow().replace(microsecond=0), all_tags,
+                                      location=location, network=network)
 
-        return self._create_idempotently(
-            new_name, operation="geo-restore", fingerprint={"source": source, "point_in_time_utc": stamp,
-                                                             "location": location},
-            matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_RESTORE_TIME) == stamp,
+        info = self._create_idempotently(
+            new_name, operation="geo-restore", fingerprint={"source": source, "location": location},
+            matches=lambda i: i.tags.get(TAG_SOURCE) == source and i.tags.get(TAG_PURPOSE) == "geo-restore",
             build=build, what=f"geo-restore of '{source}' to '{new_name}' in {location}", timeout=timeout)
+        try:
+            self._carry_firewall_rules(source, new_name, timeout=timeout)
+        except DrError as exc:  # the source's region may be the one that is down
+            log.warning("could not copy the firewall rules of %s onto %s (%s): add the app's addresses to it",
+                        source, new_name, exc.message)
+        return info
 
     def connection(self, name: str, database: str) -> ConnInfo:
         """Connection settings for a database: the server's FQDN, TLS required, the admin login."""
         s = self._get(name)
         if not s.fully_qualified_domain_name:
-            raise PlatformError(f"server '{name}' has no host name yet (state {_value(s.state)})", server=name)
+            raise PlatformError(f"server '{name}' has no host name yet (state {value_of(s.state)})", server=name)
         return ConnInfo(host=s.fully_qualified_domain_name, port=PG_PORT, user=self.admin_user, dbname=database,
                         password=self._admin_password(), sslmode="require")
 
     # --- preflight ---------------------------------------------------------------------
 
     #: what a recovery does in the resource group, as ARM actions (checked against the caller's permissions)
-    NEEDED_ACTIONS = (
-        "Microsoft.DBforPostgreSQL/flexibleServers/read",
-        "Microsoft.DBforPostgreSQL/flexibleServers/write",
-        "Microsoft.DBforPostgreSQL/flexibleServers/delete",
-        "Microsoft.DBforPostgreSQL/flexibleServers/start/action",
-    )
-
-    def _arm_get(self, path: str, api_version: str) -> Any:
-        """GET any ARM resource through the management client's pipeline (auth, retries): JSON, or raises."""
-        from azure.core.rest import HttpRequest
-
-        request = HttpRequest("GET", f"{path}?api-version={api_version}")
-        response = self.client.send_request(request)
-        response.raise_for_status()
-        return response.json()
-
-    def _check(self, what: str, fn: Callable[[], tuple[bool, str]]) -> tuple[str, bool, str]:
-        try:
-            ok, detail = fn()
-        except (HttpResponseError, AzureError) as exc:
-            status = getattr(exc, "status_code", None)
-            reason = "not allowed to read it" if status in (401, 403) else f"HTTP {status}" if status else str(exc)
-            return what, False, f"could not check ({reason})"
-        return what, ok, detail
-
-    def _permissions(self) -> tuple[bool, str]:
-        """Whether the caller's role assignments on the resource group allow every NEEDED_ACTIONS."""
-        import fnmatch
-
-        rg = f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
-        perms = self._arm_get(f"{rg}/providers/Microsoft.Authorization/permissions", "2022-04-01").get("value", [])
-
-        def allowed(action: str) -> bool:
-            a = action.lower()
-            for p in perms:
-                if any(fnmatch.fnmatchcase(a, x.lower()) for x in p.get("actions", [])) and \
-                        not any(fnmatch.fnmatchcase(a, x.lower()) for x in p.get("notActions", [])):
-                    return True
-            return False
-
-        missing = [a for a in self.NEEDED_ACTIONS if not allowed(a)]
-        if missing:
-            return False, f"missing on resource group '{self.resource_group}': {', '.join(missing)} (docs/azure.md)"
-        return True, f"allowed on resource group '{self.resource_group}'"
-
-    def _dns_link(self, dns_zone: str, subnet: str | None) -> tuple[bool, str]:
-        """Whether the private DNS zone is linked to the virtual network of the subnet."""
-        links = self._arm_get(f"{dns_zone}/virtualNetworkLinks", "2024-06-01").get("value", [])
-        vnet = subnet.split("/subnets/")[0].lower() if subnet else None
-        linked = [link for link in links
-                  if ((link.get("properties") or {}).get("virtualNetwork") or {}).get("id", "").lower() == vnet]
-        if vnet and linked:
-            return True, f"linked to {vnet.rsplit('/', 1)[-1]} ({linked[0].get('name')})"
-        names = ", ".join(link.get("name", "?") for link in links) or "none"
-        return False, (f"the zone is not linked to the server's virtual network (links: {names}): restored servers "
-                       "would not be found by name")
-
-    def _leftover_diagnostics(self, name: str) -> tuple[bool, str]:
-        """Diagnostic settings left by a deleted server of this name block re-creating it with them."""
-        found = self._arm_get(f"{self.resource_id(name)}/providers/Microsoft.Insights/diagnosticSettings",
-                              "2021-05-01-preview").get("value", [])
-        if found:
-            names = ", ".join(d.get("name", "?") for d in found)
-            return False, (f"diagnostic settings of the deleted '{name}' remain ({names}); delete them before "
-                           f"re-creating it: az monitor diagnostic-settings delete --resource "
-                           f"{self.resource_id(name)} --name <name>")
-        return True, "none left behind"
+    NEEDED_ACTIONS = NEEDED_ACTIONS
 
     def preflight(self, name: str) -> list[tuple[str, bool, str]]:
         """Checks worth doing before a restore or re-creation of `name`: (check, ok, detail) for each.
@@ -811,33 +716,4 @@ class AzureServers(ServerPlatform):
         one: the permissions, the network it had (as recorded when this tool dropped it),
         and leftover diagnostic settings that would block re-creating it.
         """
-        password = ("admin password", bool(os.environ.get(PASSWORD_ENV)),
-                    f"{PASSWORD_ENV} is set" if os.environ.get(PASSWORD_ENV) else f"{PASSWORD_ENV} is not set")
-        roles = self._check("permissions", self._permissions)
-        s = self._find(name)
-        if s is None:
-            out = [("server", False, f"'{name}' not found in resource group '{self.resource_group}'"), roles, password,
-                   self._check("leftover diagnostic settings", lambda: self._leftover_diagnostics(name))]
-            try:
-                net = (self._template_settings(name).get("network") or {})
-            except ServerNotFound:
-                return out
-            subnet, dns = net.get("delegatedSubnetResourceId"), net.get("privateDnsZoneArmResourceId")
-            if dns:
-                out.append(self._check("private DNS zone link", lambda: self._dns_link(dns, subnet)))
-            return out
-        out = [("server", True, f"'{name}' is {_value(s.state)}, PostgreSQL {_value(s.version)}, in {s.location}")]
-        net = s.network
-        subnet = net.delegated_subnet_resource_id if net else None
-        dns = net.private_dns_zone_arm_resource_id if net else None
-        out.append(("delegated subnet", bool(subnet), subnet or "none: the server uses public access, and so will a "
-                    "restored one"))
-        out.append(("private DNS zone", bool(dns), dns or "none: a VNet server needs one to be found by name"))
-        if dns:
-            out.append(self._check("private DNS zone link", lambda: self._dns_link(dns, subnet)))
-        earliest = s.backup.earliest_restore_date if s.backup else None
-        out.append(("restore point", earliest is not None,
-                    f"earliest {earliest.isoformat()}" if earliest else "Azure reports none yet"))
-        out.append(password)
-        out.append(roles)
-        return out
+        return AzurePreflight(self, PASSWORD_ENV).run(name)

@@ -26,6 +26,7 @@ consumes faster than that fed, in bounded memory.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ from dr.errors import (
     InvalidInput,
     TransientPlatformError,
 )
+from dr.platforms import holds
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter, verify_digest
 from dr.platforms.local.store import META_SUFFIX, check_backup_name
 
@@ -517,8 +519,54 @@ class AzureBackupStore(BackupStore):
         log.info("deleted backup %s from %s", name, self.where)
 
 
-# retention's holds (dr/retention.py) on this kind of store: registered here, so that only a
-# process that uses Blob Storage imports the Azure SDK
-from dr.retention import register_azure_holds  # noqa: E402
+    # --- holds (dr/platforms/holds.py): a small marker blob beside the backup per holder ---
 
-register_azure_holds()
+    supports_holds = True
+
+    def hold(self, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
+        """Hold a backup for a `with` block so retention will not delete it (see `BackupStore.hold`).
+
+        The marker is written with If-None-Match (never over another's hold); a crashed
+        restore's marker goes stale after `holds.HOLD_STALE_AFTER` and may be taken over.
+        """
+        blob = self.container.get_blob_client(holds.marker_name(name, holder))
+
+        def create() -> None:
+            body = holds.marker_body(holder)
+            try:
+                try:
+                    blob.upload_blob(body, overwrite=False)
+                except ResourceExistsError as exc:
+                    if not holds.is_stale(datetime.now(timezone.utc) - blob.get_blob_properties().last_modified):
+                        raise holds.already_held(name, holder, f"blob {blob.blob_name}") from exc
+                    holds.log.warning("replacing the stale hold of %s on backup %s", holder, name)
+                    blob.upload_blob(body, overwrite=True)
+            except AzureError as exc:
+                raise self._error(exc, name, "hold") from exc
+
+        def remove() -> None:
+            try:
+                blob.delete_blob()
+            except ResourceNotFoundError:
+                pass
+            except AzureError as exc:
+                holds.log.warning("could not release the hold %s (it goes stale in %s): %s", blob.blob_name,
+                                  holds.HOLD_STALE_AFTER, exc)
+
+        return holds.holding(self, name, holder, create=create, remove=remove)
+
+    def held(self, name: str) -> bool:
+        """Whether a live (not stale) hold is on the backup."""
+        now = datetime.now(timezone.utc)
+        live = False
+        try:
+            markers = list(self.reads.list_blobs(name_starts_with=holds.marker_name(name)))
+        except AzureError as exc:
+            raise self._error(exc, name, "read the holds of") from exc
+        for b in markers:
+            if holds.is_stale(now - b.last_modified):
+                holds.log.warning("ignoring the stale hold %s on backup %s (since %s; delete it once no restore "
+                                  "runs)", b.name, name, b.last_modified)
+            else:
+                live = True
+        return live

@@ -84,19 +84,33 @@ class LocalApp(AppControl):
         )
         return proc.pid
 
+    def _gone(self, pid: int, role: str) -> bool:
+        """Whether a process we signalled has ended: no longer there, a zombie, or another program's.
+
+        Not `not _alive`: while a process exits, its command line reads empty before it is done.
+        """
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return True
+        if stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X"):
+            return True
+        return bool(cmd) and not self._alive(pid, role)
+
     def _kill(self, pid: int | None, role: str) -> None:
         if not self._alive(pid, role):
             return
         assert pid is not None
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while self._alive(pid, role) and time.monotonic() < deadline:
+        while not self._gone(pid, role) and time.monotonic() < deadline:
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
             time.sleep(0.02)
-        if self._alive(pid, role):
+        if not self._gone(pid, role):
             os.kill(pid, signal.SIGKILL)
 
     def _wait_http(self, port: int, role: str, pid: int | None, timeout: float = 30) -> None:

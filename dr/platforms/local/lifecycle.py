@@ -10,10 +10,13 @@ from dr.config import DrConfig, Target
 from dr.database import create_database, database_exists
 from dr.platforms.local import local_app, local_servers, local_store
 from dr.platforms.local.sample import load_sample, scale_for_size, table_counts
+from dr.platforms.local.servers import LocalServers
 
 
 @dataclass
 class LocalStatus:
+    #: the PostgreSQL the environment's server runs (or will run): installation, version, extensions
+    postgres: dict[str, Any]
     server: dict[str, Any] | None
     database: str
     tables: dict[str, int]
@@ -27,7 +30,7 @@ class LocalStatus:
 
 def up(config: DrConfig, target: Target, size: str = "small") -> LocalStatus:
     """Start (or create) the live server with sample data, archiving and a base backup, and the app."""
-    servers = local_servers(config)
+    servers = local_servers(config, target)
     scale = scale_for_size(size)
     if servers.server_exists(target.server):
         servers.start_server(target.server)
@@ -45,14 +48,23 @@ def up(config: DrConfig, target: Target, size: str = "small") -> LocalStatus:
     return status(config, target)
 
 
+def postgres_status(servers: LocalServers, server: str | None) -> dict[str, Any]:
+    """Which PostgreSQL a server runs (or a new server would run), and the extensions it offers."""
+    inst = servers.installation_of(server) if server and servers.server_exists(server) else servers.installation
+    return {"version": inst.version, "version_full": inst.version_full, "source": inst.source, "origin": inst.origin,
+            "bin_dir": str(inst.bin_dir), "extensions": sorted(inst.extensions()),
+            "missing_contrib": inst.missing_contrib(), "describe": inst.describe()}
+
+
 def status(config: DrConfig, target: Target) -> LocalStatus:
-    servers = local_servers(config)
+    servers = local_servers(config, target)
     store = local_store(config, target)
     app = local_app(config, target)
     srv: dict[str, Any] | None = None
     tables: dict[str, int] = {}
     bases = wal = 0
-    if servers.server_exists(target.server):
+    exists = servers.server_exists(target.server)
+    if exists:
         info = servers.get_server(target.server)
         srv = {"name": info.name, "state": info.state, "version": info.version, "host": info.host, "port": info.port}
         bases = len(servers.list_base_backups(target.server))
@@ -68,7 +80,7 @@ def status(config: DrConfig, target: Target) -> LocalStatus:
         app_status = {"main_url": st.main_url, "temp_url": st.temp_url, "maintenance": st.maintenance,
                       "replicas": st.replicas}
     return LocalStatus(
-        server=srv, database=target.database, tables=tables, app=app_status, store=str(store.root),
+        postgres=postgres_status(servers, target.server if exists else None), server=srv, database=target.database, tables=tables, app=app_status, store=str(store.root),
         backups=len(store.list_backups()), base_backups=bases, wal_segments=wal,
         dropped=[f"{d.name} (until {d.revivable_until:%Y-%m-%d %H:%M} UTC)" for d in servers.list_dropped_servers()],
     )

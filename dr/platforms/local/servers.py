@@ -5,7 +5,7 @@ Layout of `<state_dir>/servers/<name>/` (owned by the PostgreSQL OS user when ru
 - `data/`          PGDATA; `dr.conf` inside holds our settings (port, archiving, recovery)
 - `archive/`       continuous WAL archive (`archive_command` copies every segment here)
 - `basebackups/`   `pg_basebackup` copies, each with a `.json` record of when it ended
-- `server.json`    name, port, version, tags, created/stopped times
+- `server.json`    name, port, version, the PostgreSQL installation (bin_dir), tags, created/stopped times
 - `password`       the admin password, 0600, readable only by the tool's own user
 - `postgres.log`   the server log
 
@@ -13,10 +13,16 @@ A point-in-time restore is a real recovery: a new server is made from the newest
 backup that ended before the target, replays the archived WAL with `restore_command`,
 and is promoted at `recovery_target_time`. Deleting a server moves its directory to
 `<state_dir>/dropped/` where it can be revived for `dropped_retention_days`.
+
+Each server runs the programs of the installation it was created with (recorded in
+`server.json`); new servers use this object's installation (an environment's
+`postgres_version`, see dr/pginstall.py) or the one a snapshot's version asks for. Server
+parameters are set with `ALTER SYSTEM` (`postgresql.auto.conf`), as a person would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +52,7 @@ from dr.errors import (
     ServerExists,
     ServerNotFound,
 )
+from dr.pginstall import PgInstallation, choose_installation, installation_at, known_installation
 from dr.platforms.base import (
     TAG_CREATED_BY,
     TAG_CREATED_BY_VALUE,
@@ -53,9 +60,12 @@ from dr.platforms.base import (
     TAG_RESTORE_TIME,
     TAG_SOURCE,
     DroppedServer,
+    ExtensionSupport,
+    ParameterChange,
     RestoreWindow,
     ServerInfo,
     ServerPlatform,
+    ServerSnapshot,
 )
 
 log = logging.getLogger("dr.local.servers")
@@ -100,6 +110,7 @@ class LocalServers(ServerPlatform):
                  archive_timeout_seconds: int = 60, fsync: bool = True, wal_segment_mb: int = 16):
         self.state_dir = Path(state_dir).absolute()
         self.tools = tools or PgTools.default()
+        self.installation = known_installation(self.tools.bin_dir)
         self.dropped_retention = timedelta(days=dropped_retention_days)
         self.archive_timeout = archive_timeout_seconds
         self.fsync = fsync
@@ -204,9 +215,25 @@ class LocalServers(ServerPlatform):
         if "include_if_exists = 'dr.conf'" not in text:
             main.write_text(text + "\ninclude_if_exists = 'dr.conf'\n")
 
+    def installation_of(self, name: str, meta: dict[str, Any] | None = None) -> PgInstallation:
+        """The installation a server runs: the one it was created with (for a server recorded before
+        installations were, the one of its major version)."""
+        meta = meta or self._meta(name)
+        recorded = meta.get("bin_dir")
+        if recorded and (Path(recorded) / "postgres").exists():
+            return installation_at(Path(recorded), meta.get("pg_source", "configured"))
+        if meta.get("version") == self.installation.version:
+            return self.installation
+        return choose_installation(int(meta["version"]), field=f"the installation of server {name}")
+
+    def _tools_of(self, name: str) -> PgTools:
+        """The programs of the server's own installation (pg_ctl, pg_basebackup)."""
+        inst = self.installation_of(name)
+        return self.tools if inst.bin_dir == self.tools.bin_dir else PgTools.default(inst.bin_dir)
+
     def _pg_ctl(self, name: str, *args: str, timeout: float = 120) -> str:
         d = self._dir(name)
-        return self.tools.run(
+        return self._tools_of(name).run(
             "pg_ctl", ["-D", str(d / "data"), *args], user=self.os_user, timeout=timeout,
             env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"},
         )
@@ -274,8 +301,19 @@ class LocalServers(ServerPlatform):
                         password=self._password(name), sslmode="disable")
 
     def create_server(self, name: str, *, like: str | None = None, tags: dict[str, str] | None = None,
-                      timeout: float = 600, archive: bool = True) -> ServerInfo:
-        """Create and start an empty server with continuous WAL archiving and a first base backup."""
+                      timeout: float = 600, archive: bool = True, version: int | None = None) -> ServerInfo:
+        """Create and start an empty server with continuous WAL archiving and a first base backup.
+
+        Args:
+            version: the PostgreSQL major version (default: this platform's installation's).
+
+        Raises:
+            ServerExists: the name is taken.
+            ConfigError: no installation of `version` here, naming what to install.
+        """
+        inst = self.installation if version in (None, self.installation.version) else choose_installation(
+            version, field=f"the PostgreSQL version of server {name}")
+        tools = self.tools if inst.bin_dir == self.tools.bin_dir else PgTools.default(inst.bin_dir)
         d = self._dir(name)
         if (d / "server.json").exists():
             raise ServerExists(f"server '{name}' already exists", server=name)
@@ -294,7 +332,7 @@ class LocalServers(ServerPlatform):
             fh.write(password + "\n")
         self._chown(pwfile)
         try:
-            self.tools.run(
+            tools.run(
                 "initdb",
                 ["-D", str(d / "data"), "-U", ADMIN_USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
                  "--auth-local=scram-sha-256", f"--wal-segsize={self.wal_segment_mb}", "--encoding=UTF8",
@@ -306,7 +344,8 @@ class LocalServers(ServerPlatform):
             pwfile.unlink(missing_ok=True)
         port = free_port()
         meta = {
-            "name": name, "port": port, "version": self.tools.major_version("postgres"),
+            "name": name, "port": port, "version": tools.major_version("postgres"), "bin_dir": str(inst.bin_dir),
+            "pg_source": inst.source,
             "created_at": utcnow().isoformat(), "tags": dict(tags or {}), "archive": archive,
         }
         self._write_conf(name, port, archive=archive)
@@ -314,7 +353,7 @@ class LocalServers(ServerPlatform):
         self.start_server(name, timeout=timeout)
         if archive:
             self.take_base_backup(name)
-        log.info("created server %s on port %s", name, port)
+        log.info("created server %s on port %s (%s)", name, port, inst.describe())
         return self.get_server(name)
 
     def delete_server(self, name: str, *, timeout: float = 600) -> None:
@@ -390,7 +429,7 @@ class LocalServers(ServerPlatform):
         target = d / "basebackups" / bid
         conn = self.connection(name, "postgres")
         with passfile_env(conn) as env:
-            self.tools.run("pg_basebackup", ["-D", str(target), "-Fp", "-X", "stream", "-c", "fast", "--no-password",
+            self._tools_of(name).run("pg_basebackup", ["-D", str(target), "-Fp", "-X", "stream", "-c", "fast", "--no-password",
                                              *([] if self.fsync else ["--no-sync"])],
                            env=env, timeout=3600)
         record = {"id": bid, "started_at": started.isoformat(), "finished_at": utcnow().isoformat(),
@@ -487,7 +526,9 @@ class LocalServers(ServerPlatform):
             all_tags = {**(tags or {}), TAG_CREATED_BY: TAG_CREATED_BY_VALUE, TAG_PURPOSE: "point-in-time-restore",
                         TAG_SOURCE: source, TAG_RESTORE_TIME: target.isoformat()}
             self._write_meta(new_name, {
-                "name": new_name, "port": port, "version": base["version"], "created_at": utcnow().isoformat(),
+                "name": new_name, "port": port, "version": base["version"],
+                "bin_dir": str(self.installation_of(source).bin_dir),
+                "pg_source": self.installation_of(source).source, "created_at": utcnow().isoformat(),
                 "tags": all_tags, "archive": False, "restoring": True,
             })
             self._pg_ctl(new_name, "-l", str(d / "postgres.log"), "-t", str(int(timeout)), "start", timeout=60)
@@ -528,3 +569,112 @@ class LocalServers(ServerPlatform):
                 pass
             time.sleep(0.3)
         raise OperationTimedOut(f"server '{name}' did not finish recovery within {timeout:.0f} s", server=name)
+
+    # --- extensions, parameters, snapshots ----------------------------------------------
+
+    def _install_fix(self, inst: PgInstallation) -> str:
+        from dr.pginstall import find_installations
+
+        fix = (f"PostgreSQL {inst.version} ({inst.origin}) does not carry it: run the environment on a PostgreSQL "
+               f"with the full contrib set (Debian/Ubuntu: apt-get install postgresql-{inst.version}, from "
+               "apt.postgresql.org if the distribution has no such version)")
+        others = sorted({i.version: i for i in find_installations() if i.full_contrib and i.bin_dir != inst.bin_dir}
+                        .values(), key=lambda i: i.version)
+        if others:
+            fix += ("; installed here with the full contrib set: "
+                    + ", ".join(f"PostgreSQL {i.version} ({i.origin})" for i in others)
+                    + f": set postgres_version = {others[-1].version if len(others) == 1 else '<one of them>'} "
+                      "for the environment")
+        return fix
+
+    def get_extension_support(self, name: str) -> ExtensionSupport:
+        base = super().get_extension_support(name)
+        inst = self.installation_of(name)
+        return ExtensionSupport(server=name, version=base.version, available=base.available,
+                                description=inst.describe(), install_fix=self._install_fix(inst))
+
+    def expected_extension_support(self, snapshot: ServerSnapshot) -> ExtensionSupport:
+        """What a server of the snapshot's version will offer: its installation's control files."""
+        inst = self.installation if snapshot.version == self.installation.version else choose_installation(
+            snapshot.version, field=f"the PostgreSQL version of server {snapshot.server}")
+        return ExtensionSupport(server=snapshot.server, version=inst.version, available=inst.extensions(),
+                                description=inst.describe(), install_fix=self._install_fix(inst))
+
+    def get_server_parameters(self, name: str) -> dict[str, str]:
+        """The parameters set with `ALTER SYSTEM` (`postgresql.auto.conf`), less what the platform manages."""
+        from dr.catalog import PLATFORM_MANAGED_PARAMETERS
+        from dr.database import connect
+
+        with connect(self.connection(name, "postgres")) as c:
+            rows = c.execute("SELECT name, setting FROM pg_file_settings WHERE sourcefile LIKE '%/postgresql.auto.conf' "
+                             "ORDER BY seqno").fetchall()
+        return {n: _normal(n, v) for n, v in rows if n not in PLATFORM_MANAGED_PARAMETERS}
+
+    def set_server_parameters(self, name: str, parameters: dict[str, str], *, timeout: float = 600) -> ParameterChange:
+        """Set parameters with `ALTER SYSTEM`, reload, and restart the server if any needs it."""
+        from psycopg import sql
+
+        from dr.catalog import PLATFORM_MANAGED_PARAMETERS
+        from dr.database import connect
+
+        managed = sorted(set(parameters) & PLATFORM_MANAGED_PARAMETERS)
+        if managed:
+            raise PlatformError(f"the local platform sets {', '.join(managed)} itself; they cannot be carried over",
+                                server=name)
+        current = self.get_server_parameters(name)
+        changed = {k: v for k, v in parameters.items() if current.get(k) != _normal(k, v)}
+        if not changed:
+            return ParameterChange(name, {}, sorted(parameters), restarted=False)
+        with connect(self.connection(name, "postgres")) as c:
+            # those that take effect only when the server starts (context postmaster): known before any change
+            pending = [r[0] for r in c.execute("SELECT name FROM pg_settings WHERE context = 'postmaster' "
+                                               "AND name = ANY(%s) ORDER BY 1", (list(changed),))]
+            for k, v in changed.items():
+                values = [x.strip().strip('"') for x in v.split(",") if x.strip()] if k in LIST_PARAMETERS else [v]
+                stmt = sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    sql.Identifier(k), sql.SQL(", ").join(sql.Literal(x) for x in values or [""]))
+                try:
+                    c.execute(stmt)
+                except psycopg.Error as exc:
+                    raise PlatformError(f"server '{name}' refused the parameter {k} = {v!r}: "
+                                        f"{str(exc).strip().splitlines()[0]}", server=name) from exc
+            if not pending:
+                c.execute("SELECT pg_reload_conf()")
+        restarted = False
+        if pending:
+            log.info("server %s restarts for %s", name, ", ".join(pending))
+            self.stop_server(name)
+            self.start_server(name, timeout=timeout)
+            restarted = True
+        with connect(self.connection(name, "postgres")) as c:  # pg_file_settings reads the files as they are now
+            errors = c.execute("SELECT name, error FROM pg_file_settings WHERE error IS NOT NULL AND name = ANY(%s)",
+                               (list(changed),)).fetchall()
+        if errors:
+            raise PlatformError(f"server '{name}' did not take the parameters: "
+                                + "; ".join(f"{n}: {e}" for n, e in errors), server=name)
+        log.info("server %s: set %s%s", name, ", ".join(f"{k} = {v}" for k, v in changed.items()),
+                 " (restarted)" if restarted else "")
+        return ParameterChange(name, changed, sorted(set(parameters) - set(changed)), restarted)
+
+    def get_server_snapshot(self, name: str) -> ServerSnapshot:
+        snap = super().get_server_snapshot(name)
+        inst = self.installation_of(name)
+        return dataclasses.replace(snap, network={"host": "127.0.0.1"},
+                                   extra={"installation": inst.describe(), "bin_dir": str(inst.bin_dir)})
+
+    def create_server_from_snapshot(self, name: str, snapshot: ServerSnapshot, *, tags: dict[str, str] | None = None,
+                                    timeout: float = 600) -> ServerInfo:
+        """An empty server of the snapshot's PostgreSQL version (the installation of that version here)."""
+        return self.create_server(name, tags=tags, timeout=timeout, version=snapshot.version)
+
+
+#: parameters whose value is a list of quoted names (`ALTER SYSTEM SET x = 'a', 'b'`, not `'a,b'`)
+LIST_PARAMETERS = frozenset({"shared_preload_libraries", "session_preload_libraries", "local_preload_libraries",
+                             "search_path", "temp_tablespaces"})
+
+
+def _normal(name: str, value: str) -> str:
+    """A parameter's value as compared: list parameters as `a, b`."""
+    if name in LIST_PARAMETERS:
+        return ", ".join(x.strip().strip('"') for x in value.split(",") if x.strip())
+    return value

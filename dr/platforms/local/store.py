@@ -10,17 +10,20 @@ put there by other tooling (e.g. an existing nightly `.sql.gz`) and is listed as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from dr.errors import BackupCorrupted, BackupError, BackupExists, BackupNotFound, InvalidInput
+from dr.platforms import holds
 from dr.platforms.base import BackupInfo, BackupReader, BackupStore, BackupWriter, verify_digest
 
 META_SUFFIX = ".meta.json"
@@ -231,3 +234,60 @@ class LocalBackupStore(BackupStore):
         check_backup_name(name)
         (self.root / (name + META_SUFFIX)).unlink(missing_ok=True)
         (self.root / name).unlink(missing_ok=True)
+
+    # --- holds (dr/platforms/holds.py): a hidden marker file beside the backup per holder ---
+
+    supports_holds = True
+
+    def hold(self, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
+        """Hold a backup for a `with` block so retention will not delete it (see `BackupStore.hold`)."""
+        path = self.root / holds.marker_name(name, holder)
+
+        def create() -> None:
+            if path.exists() and holds.is_stale(timedelta(seconds=time.time() - path.stat().st_mtime)):
+                holds.log.warning("replacing the stale hold of %s on backup %s", holder, name)
+                path.unlink(missing_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError as exc:
+                raise holds.already_held(name, holder, str(path)) from exc
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(holds.marker_body(holder))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+
+        return holds.holding(self, name, holder, create=create, remove=lambda: path.unlink(missing_ok=True))
+
+    def dead_holds(self) -> list[str]:
+        """The holds whose restore process provably ended (a restore killed with -9 leaves its hold behind)."""
+        out = []
+        for path in sorted(self.root.glob(".*.hold-*")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written, or not ours to judge
+            if isinstance(record, dict) and holds.holder_gone(record):
+                out.append(path.name)
+        return out
+
+    def release_dead_hold(self, marker: str) -> None:
+        """Remove a hold that `dead_holds` lists (idempotent)."""
+        if marker in self.dead_holds():
+            (self.root / marker).unlink(missing_ok=True)
+
+    def held(self, name: str) -> bool:
+        """Whether a live (not stale) hold is on the backup."""
+        live = False
+        for path in sorted(self.root.glob(holds.marker_name(name) + "*")):
+            try:
+                age = timedelta(seconds=time.time() - path.stat().st_mtime)
+            except FileNotFoundError:
+                continue  # released while we looked
+            if holds.is_stale(age):
+                holds.log.warning("ignoring the stale hold %s on backup %s (%.0f h old; remove it once no restore "
+                                  "runs)", path.name, name, age.total_seconds() / 3600)
+            else:
+                live = True
+        return live

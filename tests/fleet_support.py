@@ -11,18 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import LOCAL_HEADER
+
 REPO = Path(__file__).resolve().parents[1]
 
-FLEET_HEADER = """
-prefix = "t"
-timezone = "Europe/London"
-
-[local]
-state_dir = "{state_dir}"
-archive_timeout_seconds = 30
-fsync = false          # test speed only, as PostgreSQL's own suites do
-wal_segment_mb = 1     # test disk only
-
+FLEET_HEADER = LOCAL_HEADER + """
 [fleet]
 {fleet}
 """

@@ -18,7 +18,8 @@ from dr.config import DrConfig, Target, load_config
 from dr.platforms import get_platform
 from dr.platforms.base import Platform
 
-CONFIG_TEMPLATE = """
+#: what every test configuration starts with: the local platform, tuned for test speed and disk
+LOCAL_HEADER = """
 prefix = "t"
 timezone = "Europe/London"
 
@@ -27,7 +28,9 @@ state_dir = "{state_dir}"
 archive_timeout_seconds = 30
 fsync = false          # test speed only, as PostgreSQL's own suites do
 wal_segment_mb = 1     # test disk only: each environment writes ~110 MB instead of ~250 MB
+"""
 
+CONFIG_TEMPLATE = LOCAL_HEADER + """
 [services.apply.environments.development]
 platform = "local"
 checks = [

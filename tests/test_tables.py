@@ -389,10 +389,19 @@ class TestReplacementEngine:
             live = backend()
         assert live, "the recovery never opened its session on the live side"
 
+        # One admin session, opened before the freeze: a new session's start-up may wait on a lock the frozen
+        # backend holds, and nothing would thaw it. A look that still hangs (2 s) thaws it (guard).
+        looker = psycopg.connect(**admin.psycopg_kwargs(), autocommit=True)
+
         def rows_arrived_in_the_live_table() -> bool:
-            r = run_sql(admin, "SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = %s AND relid = %s",
-                        (live, big_oid))
-            return bool(r) and 0 < r[0][0] < 20_000
+            guard = threading.Timer(2.0, thaw, (live,))
+            guard.start()
+            try:
+                r = looker.execute("SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = %s AND relid = %s",
+                                   (live, big_oid)).fetchone()
+            finally:
+                guard.cancel()
+            return r is not None and 0 < r[0] < 20_000
 
         # The live session is let go 2 ms at a time. A backend's socket output is not counted in /proc/<pid>/io,
         # so it is stepped in time, not bytes; frozen, it reads nothing, so the copy cannot end between looks.
@@ -404,9 +413,10 @@ class TestReplacementEngine:
                 time.sleep(0.002)
                 freeze(live)
                 time.sleep(0.001)
-            run_sql(admin, "SELECT pg_terminate_backend(%s)", (live,))  # mid-copy into the live table
+            looker.execute("SELECT pg_terminate_backend(%s)", (live,))  # mid-copy into the live table
         finally:
             thaw(live)
+            looker.close()
         th.join(60)
         assert isinstance(box.get("error"), RestoreError) and "was not committed" in str(box["error"])
         assert db_state(now.psycopg_kwargs()) == before

@@ -687,6 +687,14 @@ class Soak:
         #: resume and tidy up by calling the flows in this process (the CI version: no interpreter start-up)
         #: instead of `dr` commands; the run that is killed is always a `dr` command of its own
         self.in_process = in_process
+        self._tempdir_before = tempfile.tempdir
+        if in_process:
+            # a temporary directory of the soak's own for this process and its runs (where tidy-up looks for
+            # passfiles): other programs on the machine (CI's other pytest sessions) kill processes too, and
+            # their passfiles in the shared /tmp are not this soak's leftovers
+            private = workdir / "tmp"
+            private.mkdir(exist_ok=True)
+            tempfile.tempdir = str(private)
         self.json_path: Path | None = None  # every round's result is written here as it ends
         self.passfiles_before: set[str] = set()
         self.results: list[RoundResult] = []
@@ -707,7 +715,7 @@ class Soak:
 
     def tmpdir(self, tmp: Path) -> Path:
         """Where the runs' tools put their passfiles: the round's own directory, or (the resume and tidy-up
-        running in this process) this process's temporary directory, where tidy-up looks."""
+        running in this process) this process's temporary directory, where tidy-up looks (the soak's own)."""
         return Path(tempfile.gettempdir()) if self.in_process else tmp
 
     def cli_env(self, tmp: Path) -> dict[str, str]:
@@ -1073,6 +1081,7 @@ class Soak:
         try:
             lifecycle.down(self.env.config)
         finally:
+            tempfile.tempdir = self._tempdir_before
             self.prefect.stop()
 
 

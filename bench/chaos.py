@@ -1065,8 +1065,9 @@ class Soak:
         if calibrate:
             self.round(0, None)
             say("calibration: phase lengths " + ", ".join(f"{p} {s:.2f} s" for p, s in self.estimates.items()))
-        for n in range(1, rounds + 1):
-            phase = phases[(n - 1) % len(phases)] if order == "walk" else self.rng.choice(phases)
+        first = len(self.results) + 1  # a later call goes on numbering (its logs never overwrite a round's)
+        for n in range(first, first + rounds):
+            phase = phases[(n - first) % len(phases)] if order == "walk" else self.rng.choice(phases)
             try:
                 self.round(n, phase)
             except Exception as exc:  # a round that could not even be checked is a failure of its own

@@ -235,6 +235,16 @@ class TestValidateFlow:
 
 
 class TestTidyUp:
+    @pytest.fixture(autouse=True)
+    def _own_temporary_directory(self, tmp_path, monkeypatch):
+        """Tidy-up also removes passfile directories of dead processes from the temporary directory: in the
+        shared /tmp those may be another test session's (CI runs several at once), so each test has its own."""
+        import tempfile
+
+        own = tmp_path / "tmp"
+        own.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(own))
+
     def test_deletes_only_what_it_created(self, live_env):
         servers = live_env.platform.servers
         # ours: a PTR server and a replaced database with its safety backup

@@ -43,6 +43,14 @@ def soak(base_dir):
     try:
         s.up()
         s.run(len(chaos.CI_PHASES), chaos.CI_PHASES, calibrate=False)
+        # a kill aimed at a phase of milliseconds may land just outside it on a busy machine (the phase's
+        # estimate then shrinks): such a phase gets up to two more rounds, and every round's invariants count
+        for _ in range(2):
+            missed = tuple(r.phase for r in s.results if r.phase not in {x.phase for x in s.results if x.hit}
+                           and r.phase != "swap")
+            if not missed:
+                break
+            s.run(len(set(missed)), tuple(dict.fromkeys(missed)), calibrate=False)
         print("\n" + chaos.table(s.results) + "\n" + chaos.details(s.results))
         yield chaos, s
     finally:
@@ -53,12 +61,13 @@ def soak(base_dir):
 class TestKill9Soak:
     def test_each_round_was_killed_inside_its_phase(self, soak):
         chaos, s = soak
-        assert [r.phase for r in s.results] == list(chaos.CI_PHASES)
+        assert [r.phase for r in s.results[:len(chaos.CI_PHASES)]] == list(chaos.CI_PHASES)
         # the swap's transaction lasts milliseconds of its client's time: a kill aimed at it may land just
         # after it, still in the restore step (bench/chaos.py reports the swap's hit rate; the swap killed
         # mid-transaction every time is tests/faults/test_faults.py::TestSwapKilled)
+        hit = {r.phase for r in s.results if r.hit}
         missed = {r.phase: (r.killed_in, r.note) for r in s.results
-                  if not r.hit and not (r.phase == "swap" and r.killed_in in ("step 'restore into the live server'",
+                  if r.phase not in hit and not (r.phase == "swap" and r.killed_in in ("step 'restore into the live server'",
                                                                               "index-build", "manifest-check"))}
         assert not missed, f"kills that did not land inside their phase: {missed}"
 

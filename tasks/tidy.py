@@ -92,9 +92,7 @@ def find_leftovers(ref: Ref, older_than_hours: float = 0.0, incident: str | None
                 ok = stamp <= cutoff
                 out.append(Leftover("restore-database", name, stamp, ok,
                                     "half-finished restore (never swapped in)" if ok else f"younger than {older_than_hours} h"))
-    from dr.retention import dead_holds
-
-    for marker in dead_holds(rt.store):  # a restore killed with -9 never released its hold on the backup
+    for marker in rt.store.dead_holds():  # a restore killed with -9 never released its hold on the backup
         out.append(Leftover("hold", marker, datetime.fromtimestamp((rt.store.root / marker).stat().st_mtime, timezone.utc),
                             True, "hold of a restore process that no longer runs"))
     out += [Leftover(kind, str(path), when, True, why) for kind, path, when, why in _left_by_dead_processes(rt)]
@@ -112,26 +110,40 @@ _OWNED_BY_PID = (
 )
 
 
-def _left_by_dead_processes(rt) -> list[tuple[str, Path, datetime, str]]:
-    """(kind, path, modified, reason) of each such thing on this machine whose process no longer runs."""
+def _places(rt) -> dict[str, list[Path]]:
+    """Where each kind of `_OWNED_BY_PID` is looked for."""
     import tempfile
-
-    from dr.platforms.holds import running_since
 
     places = {"passfile-directory": [Path(tempfile.gettempdir())]}
     if rt.target.platform == "local":
         places["staging-file"] = [rt.store.root] if hasattr(rt.store, "root") else []
         places["spool-directory"] = [rt.config.local.state_dir.absolute()]
+    return places
+
+
+def _left_by_dead_process(kind: str, path: Path) -> datetime | None:
+    """When `path` was last modified, if it is a `kind` of `_OWNED_BY_PID` whose process no longer runs."""
+    from dr.platforms.holds import running_since
+
+    pattern = next(p for k, p, _ in _OWNED_BY_PID if k == kind)
+    m = pattern.match(path.name)
+    if m is None:
+        return None
+    try:
+        when = datetime.fromtimestamp(path.lstat().st_mtime, timezone.utc)
+    except FileNotFoundError:
+        return None
+    return None if running_since(int(m.group(1)), when) else when
+
+
+def _left_by_dead_processes(rt) -> list[tuple[str, Path, datetime, str]]:
+    """(kind, path, modified, reason) of each such thing on this machine whose process no longer runs."""
+    places = _places(rt)
     out = []
-    for kind, pattern, why in _OWNED_BY_PID:
+    for kind, _, why in _OWNED_BY_PID:
         for place in places.get(kind, []):
             for path in place.glob("dr-*" if kind != "staging-file" else ".*"):
-                m = pattern.match(path.name)
-                try:
-                    when = datetime.fromtimestamp(path.lstat().st_mtime, timezone.utc)
-                except FileNotFoundError:
-                    continue
-                if m and not running_since(int(m.group(1)), when):
+                if (when := _left_by_dead_process(kind, path)) is not None:
                     out.append((kind, path, when, why))
     return out
 
@@ -152,15 +164,14 @@ def delete_leftover(ref: Ref, item: Leftover) -> str | None:
         rt.servers.delete_server(item.name)
         return None
     if item.kind == "hold":
-        from dr.retention import release_dead_hold
-
-        release_dead_hold(rt.store, item.name)
+        rt.store.release_dead_hold(item.name)
         return None
     if item.kind in ("staging-file", "spool-directory", "passfile-directory"):
         import shutil
 
         path = Path(item.name)
-        if any(str(p) == item.name for _, p, _, _ in _left_by_dead_processes(rt)):  # still its process's, still dead
+        if path.parent in _places(rt).get(item.kind, []) and _left_by_dead_process(item.kind, path) is not None:
+            # still where such things are, still its process's, and that process still gone
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             return None
         return "kept: its process runs again (or it is gone already)"

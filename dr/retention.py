@@ -23,7 +23,6 @@ ones. Days, ISO weeks and months are UTC, like the dates in the nightly names.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -245,23 +244,4 @@ def apply_retention(store: BackupStore, policy: Retention, now: datetime, *, dry
     return report
 
 
-# --- holds are the store's (`BackupStore.hold`, `held`, `dead_holds`); the names callers already use ---------
-
-
-def hold(store: BackupStore, name: str, holder: str) -> contextlib.AbstractContextManager[None]:
-    """`store.hold(name, holder)`: hold a backup for a `with` block so retention leaves it alone."""
-    return store.hold(name, holder)
-
-
-def dead_holds(store: BackupStore) -> list[str]:
-    """`store.dead_holds()`: the holds whose restore provably ended (tidy-up removes them at once)."""
-    return store.dead_holds()
-
-
-def release_dead_hold(store: BackupStore, marker: str) -> None:
-    """`store.release_dead_hold(marker)`: remove a hold that `dead_holds` listed (idempotent)."""
-    store.release_dead_hold(marker)
-
-
-__all__ = ["PTR_WINDOW", "RetentionReport", "apply_retention", "dead_holds", "hold", "is_nightly", "release_dead_hold",
-           "select_keep"]
+__all__ = ["PTR_WINDOW", "RetentionReport", "apply_retention", "is_nightly", "select_keep"]

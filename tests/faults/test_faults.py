@@ -573,7 +573,6 @@ class TestHoldOfAKilledRestore:
 
         from dr.platforms.base import BackupInfo
         from dr.platforms.local.store import LocalBackupStore
-        from dr.retention import dead_holds, hold, release_dead_hold
 
         store = LocalBackupStore(tmp_path / "store")
         writer = store.open_writer("b1.pgdump")
@@ -582,7 +581,7 @@ class TestHoldOfAKilledRestore:
                                  format="custom"))
         # a restore process that took a hold and was killed with -9 (the hold file is what it leaves)
         dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        with hold(store, "b1.pgdump", holder="restore-dead"):
+        with store.hold("b1.pgdump", holder="restore-dead"):
             left = store.root / ".b1.pgdump.hold-restore-dead"
             record = json.loads(left.read_text())
             marker = left.read_bytes()
@@ -590,12 +589,12 @@ class TestHoldOfAKilledRestore:
             f'"pid": {record["pid"]}'.encode(), f'"pid": {dead.pid}'.encode()))
         dead.kill()
         dead.wait()
-        with hold(store, "b1.pgdump", holder="restore-live"):  # this process: alive
-            assert dead_holds(store) == [".b1.pgdump.hold-restore-dead"]
-            release_dead_hold(store, ".b1.pgdump.hold-restore-live")  # refused: its holder runs
-            release_dead_hold(store, ".b1.pgdump.hold-restore-dead")
+        with store.hold("b1.pgdump", holder="restore-live"):  # this process: alive
+            assert store.dead_holds() == [".b1.pgdump.hold-restore-dead"]
+            store.release_dead_hold(".b1.pgdump.hold-restore-live")  # refused: its holder runs
+            store.release_dead_hold(".b1.pgdump.hold-restore-dead")
             assert sorted(p.name for p in store.root.glob(".*hold*")) == [".b1.pgdump.hold-restore-live"]
-        assert dead_holds(store) == [] and store.get_backup("b1.pgdump").complete
+        assert store.dead_holds() == [] and store.get_backup("b1.pgdump").complete
 
 
 class TestLeftBehindByKilledProcesses:
